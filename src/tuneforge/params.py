@@ -107,6 +107,7 @@ class TrainSpec(Strict):
     early_stopping_patience: int = Field(3, ge=1)
     checkpoint_every: int = Field(10, ge=1)
     seed: int = 13
+    num_processes: int = Field(1, ge=1, description=">1: the notebook runs `accelerate launch` on that many GPUs (DDP)")
 
 
 class EvaluateSpec(Strict):

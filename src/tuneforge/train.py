@@ -1,0 +1,391 @@
+"""LoRA / QLoRA fine-tuning: one loop, read top to bottom.
+
+    records -> chat template with loss mask -> packed sequences -> AdamW, warmup + cosine
+    -> validation loss every `eval_every` steps -> best adapter kept, early stopping
+    -> checkpoint every `checkpoint_every` steps (rerun resumes from it)
+
+The same code runs on one CPU, one GPU or several GPUs: launched with
+`accelerate launch --num_processes N -m tuneforge.train --task T`, each process takes
+every N-th batch and accelerate averages the gradients (DDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tuneforge.chat import IGNORE, Rendered, render
+from tuneforge.modeling import load_causal_lm, load_tokenizer, pick_device
+from tuneforge.params import Params, TrainSpec, load_params
+from tuneforge.paths import base_model_dir, models_dir, processed_dir, reports_dir
+from tuneforge.prepare import read_jsonl
+
+# ---------------------------------------------------------------- mode
+
+
+@dataclass
+class Mode:
+    name: str  # "qlora" or "lora"
+    device: str
+    dtype: torch.dtype
+
+
+def cpu_has_fast_bf16() -> bool:
+    # torch exposes these only privately; without bf16 units (AVX512-BF16 or AMX), bf16 matmuls
+    # are emulated: on this project's CPU a LoRA step took 3x longer in bf16 than in fp32.
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def choose_mode(spec: TrainSpec) -> Mode:
+    """QLoRA (4-bit NF4, bf16 compute) on CUDA; plain LoRA on CPU.
+
+    On a 2-core CPU, LoRA measured faster than bitsandbytes 4-bit (which dequantises
+    every matmul), so `auto` picks LoRA there, in bf16 only where the CPU has bf16 units.
+    """
+    device = pick_device()
+    name = spec.mode if spec.mode != "auto" else ("qlora" if device == "cuda" else "lora")
+    dtype = torch.bfloat16 if device == "cuda" or cpu_has_fast_bf16() else torch.float32
+    return Mode(name, device, dtype)
+
+
+# ---------------------------------------------------------------- data
+
+
+def render_records(tokenizer, records: list[dict], max_seq_len: int) -> list[Rendered]:
+    """Chat-render each record, truncated to max_seq_len; records left with no trained token are dropped."""
+    out = []
+    for record in records:
+        r = render(tokenizer, record["messages"])
+        r = Rendered(r.input_ids[:max_seq_len], r.labels[:max_seq_len])
+        if r.trained_tokens:
+            out.append(r)
+    return out
+
+
+def pack(examples: list[Rendered], max_seq_len: int) -> list[list[Rendered]]:
+    """Greedy packing in the given order: each row holds whole examples up to max_seq_len tokens."""
+    rows: list[list[Rendered]] = []
+    current: list[Rendered] = []
+    used = 0
+    for ex in examples:
+        if current and used + len(ex.input_ids) > max_seq_len:
+            rows.append(current)
+            current, used = [], 0
+        current.append(ex)
+        used += len(ex.input_ids)
+    if current:
+        rows.append(current)
+    return rows
+
+
+def collate_packed(rows: list[list[Rendered]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Examples side by side in one row; position_ids restart at 0 for each.
+
+    With no attention_mask, transformers reads the restarts as example boundaries and
+    builds a block-diagonal causal mask, so no token attends across examples.
+    """
+    width = max(sum(len(ex.input_ids) for ex in row) for row in rows)
+    ids, labels, positions = [], [], []
+    for row in rows:
+        r_ids = [t for ex in row for t in ex.input_ids]
+        r_labels = [t for ex in row for t in ex.labels]
+        r_pos = [p for ex in row for p in range(len(ex.input_ids))]
+        pad = width - len(r_ids)
+        ids.append(r_ids + [pad_id] * pad)
+        labels.append(r_labels + [IGNORE] * pad)
+        positions.append(r_pos + list(range(pad)))  # padding forms its own (untrained) block
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions),
+            "tokens": torch.tensor(sum(len(ex.input_ids) for row in rows for ex in row))}
+
+
+def collate_padded(examples: list[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
+    """One example a row, right-padded, with an attention mask."""
+    width = max(len(ex.input_ids) for ex in examples)
+    ids = [ex.input_ids + [pad_id] * (width - len(ex.input_ids)) for ex in examples]
+    labels = [ex.labels + [IGNORE] * (width - len(ex.labels)) for ex in examples]
+    mask = [[1] * len(ex.input_ids) + [0] * (width - len(ex.input_ids)) for ex in examples]
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask),
+            "tokens": torch.tensor(sum(len(ex.input_ids) for ex in examples))}
+
+
+def make_batches(examples: list[Rendered], spec: TrainSpec, pad_id: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """One epoch of batches in a seeded order (so a resumed run sees the same batches)."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    shuffled = [examples[i] for i in order]
+    if spec.packing:
+        rows = pack(shuffled, spec.max_seq_len)
+        return [collate_packed(rows[i : i + spec.batch_size], pad_id) for i in range(0, len(rows), spec.batch_size)]
+    return [collate_padded(shuffled[i : i + spec.batch_size], pad_id) for i in range(0, len(shuffled), spec.batch_size)]
+
+
+# ---------------------------------------------------------------- loss
+
+
+def causal_lm(model):
+    """The transformers CausalLM inside a PEFT (and DDP) wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over trained tokens, number of trained tokens).
+
+    The LM head runs only on positions that carry loss: with a 49k vocabulary it is the
+    most expensive matmul, and most positions (prompts, padding) carry none.
+    """
+    lm = causal_lm(model)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "tokens")}
+    hidden = lm.model(**inputs).last_hidden_state[:, :-1]
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = lm.lm_head(hidden[keep]).float()
+    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches: list[dict[str, torch.Tensor]], device: str) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        s, n = loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+        total, count = total + float(s), count + n
+    model.train()
+    return total / max(1, count)
+
+
+def lr_at(step: int, total: int, spec: TrainSpec) -> float:
+    """Linear warmup, then cosine decay to zero over the run's planned steps."""
+    warmup = max(1, int(spec.warmup_fraction * total))
+    if step < warmup:
+        return spec.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return spec.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------- model
+
+
+def build_model(params: Params, mode: Mode):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    spec = params.train
+    model = load_causal_lm(base_model_dir(), dtype=mode.dtype, device=mode.device, load_in_4bit=mode.name == "qlora",
+                           trust_remote_code=params.model.trust_remote_code)
+    model.config.use_cache = False
+    if mode.name == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+    elif spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                      target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in causal_lm(model).named_parameters() if v.requires_grad}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def fingerprint(params: Params, task: str, n_train: int) -> str:
+    """Resume only a run with identical settings and data."""
+    blob = json.dumps([params.train.model_dump(), params.model.model_dump(), task, n_train], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
+    """Write to a temporary folder, then rename: a kill mid-write leaves the previous checkpoint intact."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "state.pt")
+    (tmp / "progress.json").write_text(json.dumps(state, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def load_checkpoint(folder: Path, model, optimizer, expected_fingerprint: str) -> dict | None:
+    progress_file = folder / "progress.json"
+    if not progress_file.exists():
+        return None
+    state = json.loads(progress_file.read_text())
+    if state["fingerprint"] != expected_fingerprint:
+        print(f"ignoring checkpoint {folder}: it was made with other settings or data")
+        return None
+    saved = torch.load(folder / "state.pt", weights_only=False)
+    lm = causal_lm(model)
+    lm.load_state_dict(saved["trainable"], strict=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["torch_rng"])
+    random.setstate(saved["python_rng"])
+    if saved["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    return state
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train_task(task: str, params: Params | None = None) -> dict:
+    """Train one task's adapter; returns the metrics also written to reports/<task>/train.json."""
+    from accelerate import Accelerator
+
+    params = params or load_params()
+    spec = params.train
+    mode = choose_mode(spec)
+    accelerator = Accelerator(cpu=mode.device == "cpu")
+    if accelerator.num_processes > 1:
+        mode.device = str(accelerator.device)
+    is_main = accelerator.is_main_process
+    random.seed(spec.seed)
+    torch.manual_seed(spec.seed)
+
+    tokenizer = load_tokenizer(base_model_dir())
+    data = processed_dir(task)
+    train_examples = render_records(tokenizer, read_jsonl(data / "train.jsonl"), spec.max_seq_len)
+    eval_examples = render_records(tokenizer, read_jsonl(data / "validation.jsonl")[: spec.eval_rows], spec.max_seq_len)
+    eval_batches = make_batches(eval_examples, spec, tokenizer.pad_token_id, seed=0)
+
+    model = build_model(params, mode)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate,
+                                  weight_decay=spec.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    batches_per_epoch = len(make_batches(train_examples, spec, tokenizer.pad_token_id, seed=spec.seed))
+    steps_per_epoch = max(1, batches_per_epoch // (spec.grad_accum * accelerator.num_processes))
+    total_steps = spec.max_steps or math.ceil(spec.epochs * steps_per_epoch)
+
+    out = models_dir(task)
+    adapter_dir, checkpoint_dir = out / "adapter", out / "checkpoints" / "last"
+    fp = fingerprint(params, task, len(train_examples))
+    state = load_checkpoint(checkpoint_dir, model, optimizer, fp) or {
+        "fingerprint": fp, "step": 0, "tokens_seen": 0, "best_eval_loss": None, "best_step": 0,
+        "bad_evals": 0, "history": [], "train_seconds": 0.0,
+    }
+    resumed_from = state["step"]
+    if state["step"] == 0:
+        base_loss = evaluate_loss(model, eval_batches, mode.device)
+        state["history"].append({"step": 0, "tokens_seen": 0, "train_loss": None, "eval_loss": base_loss, "lr": 0.0})
+        state["base_eval_loss"] = base_loss
+        if is_main:
+            accelerator.unwrap_model(model).save_pretrained(adapter_dir)  # the untrained adapter is "best" so far
+        state["best_eval_loss"] = base_loss
+
+    if mode.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {task}", disable=not is_main, mininterval=5)
+    started = time.perf_counter()
+    tokens_at_start = state["tokens_seen"]
+    stop_reason = "max_steps" if spec.max_steps else "epochs"
+    while state["step"] < total_steps:
+        step = state["step"]
+        epoch, first = divmod(step * spec.grad_accum * accelerator.num_processes, batches_per_epoch)
+        epoch_batches = make_batches(train_examples, spec, tokenizer.pad_token_id, seed=spec.seed + epoch)
+        wanted = epoch_batches[first : first + spec.grad_accum * accelerator.num_processes]
+        mine = wanted[accelerator.process_index :: accelerator.num_processes]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total_steps, spec)
+        step_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in mine)
+        loss_value = 0.0
+        for i, batch in enumerate(mine):
+            batch = {k: v.to(mode.device) for k, v in batch.items()}
+            with accelerator.no_sync(model) if i < len(mine) - 1 else nullcontext():
+                s, _ = loss_sum(model, batch)
+                loss = s / max(1, step_tokens)  # token-mean over the whole step, whatever the micro-batches
+                accelerator.backward(loss)
+            loss_value += loss.item()
+            state["tokens_seen"] += int(batch["tokens"]) * accelerator.num_processes
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step + 1
+        elapsed = time.perf_counter() - started
+        tokens_per_s = (state["tokens_seen"] - tokens_at_start) / max(elapsed, 1e-9)
+        record = {"step": state["step"], "tokens_seen": state["tokens_seen"], "train_loss": loss_value,
+                  "eval_loss": None, "lr": lr_at(step, total_steps, spec)}
+        if state["step"] % spec.eval_every == 0 or state["step"] == total_steps:
+            record["eval_loss"] = evaluate_loss(model, eval_batches, mode.device)
+            if record["eval_loss"] < state["best_eval_loss"]:
+                state.update(best_eval_loss=record["eval_loss"], best_step=state["step"], bad_evals=0)
+                if is_main:
+                    accelerator.unwrap_model(model).save_pretrained(adapter_dir)
+            else:
+                state["bad_evals"] += 1
+        state["history"].append(record)
+        bar.set_postfix(loss=f"{loss_value:.3f}", eval=f"{state['best_eval_loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+        bar.update(1)
+        if state["bad_evals"] >= spec.early_stopping_patience:
+            stop_reason = f"early stopping: no better validation loss in {spec.early_stopping_patience} evaluations"
+            break
+        if is_main and state["step"] % spec.checkpoint_every == 0 and state["step"] < total_steps:
+            save_checkpoint(checkpoint_dir, model, optimizer, {**state, "train_seconds": state["train_seconds"] + elapsed})
+    bar.close()
+    state["train_seconds"] += time.perf_counter() - started
+
+    metrics = {
+        "task": task, "mode": mode.name, "device": mode.device, "dtype": str(mode.dtype).replace("torch.", ""),
+        "processes": accelerator.num_processes, "steps": state["step"], "planned_steps": total_steps,
+        "stop_reason": stop_reason, "resumed_from_step": resumed_from,
+        "train_examples": len(train_examples), "tokens_seen": state["tokens_seen"],
+        "tokens_per_second": (state["tokens_seen"] - tokens_at_start) / max(time.perf_counter() - started, 1e-9),
+        "wall_seconds": state["train_seconds"],
+        "base_eval_loss": state["base_eval_loss"], "best_eval_loss": state["best_eval_loss"],
+        "best_step": state["best_step"],
+        "final_train_loss": next((h["train_loss"] for h in reversed(state["history"]) if h["train_loss"] is not None), None),
+        "peak_memory_gb": peak_memory_gb(mode.device),
+    }
+    if is_main:
+        report = reports_dir(task)
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_history(report / "train_history.csv", state["history"])
+        (adapter_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)  # finished: nothing left to resume
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def peak_memory_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """CSV that `dvc plots show` draws (loss against step)."""
+    lines = ["step,tokens_seen,train_loss,eval_loss,lr"]
+    for h in history:
+        cells = [h["step"], h["tokens_seen"], h["train_loss"], h["eval_loss"], h["lr"]]
+        lines.append(",".join("" if c is None else f"{c:.6g}" if isinstance(c, float) else str(c) for c in cells))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="train one task's adapter (accelerate launch for several GPUs)")
+    parser.add_argument("--task", required=True)
+    args = parser.parse_args(argv)
+    print(json.dumps(train_task(args.task), indent=2))
+
+
+if __name__ == "__main__":
+    main()
