@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 SMALL = {  # keep CI fast through params, not by mocking any stage
     "train": {"max_steps": 2, "eval_every": 1, "eval_rows": 8, "checkpoint_every": 1, "batch_size": 4},
-    "evaluate": {"max_rows": 6, "max_new_tokens": 48, "min_tuned_score": 0.0, "max_regression": 1.0},
+    "evaluate": {"max_rows": 6, "min_tuned_score": 0.0, "max_regression": 1.0},
 }
 
 

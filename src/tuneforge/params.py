@@ -47,6 +47,7 @@ class TaskSpec(Strict):
     system_prompt: str = ""
     output: OutputSpec
     primary_metric: str = Field(description="the metric gates and summaries use, e.g. micro_f1 or macro_f1")
+    max_new_tokens: int = Field(96, ge=1, description="generation budget for one answer")
     production_fraction: float = Field(
         0.0, ge=0.0, lt=0.5, description="share held out of every split as same-distribution traffic for drift"
     )
@@ -113,7 +114,6 @@ class TrainSpec(Strict):
 class EvaluateSpec(Strict):
     max_rows: int = Field(0, ge=0, description="0: the whole test split")
     batch_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(96, ge=1)
     min_tuned_score: float = Field(0.5, ge=0, le=1, description="gate: tuned primary metric at least this")
     max_regression: float = Field(0.0, ge=0, le=1, description="gate: tuned may trail base by at most this")
 

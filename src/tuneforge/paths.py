@@ -43,3 +43,7 @@ def models_dir(task: str) -> Path:
 
 def base_model_dir() -> Path:
     return repo_root() / "models" / "base"
+
+
+def predictions_file(task: str) -> Path:
+    return repo_root() / "data" / "predictions" / f"{task}.jsonl"

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tuneforge.chat import IGNORE, Rendered, render
-from tuneforge.modeling import load_causal_lm, load_tokenizer, pick_device
+from tuneforge.modeling import compute_dtype, load_causal_lm, load_tokenizer, pick_device
 from tuneforge.params import Params, TrainSpec, load_params
 from tuneforge.paths import base_model_dir, models_dir, processed_dir, reports_dir
 from tuneforge.prepare import read_jsonl
@@ -43,13 +43,6 @@ class Mode:
     dtype: torch.dtype
 
 
-def cpu_has_fast_bf16() -> bool:
-    # torch exposes these only privately; without bf16 units (AVX512-BF16 or AMX), bf16 matmuls
-    # are emulated: on this project's CPU a LoRA step took 3x longer in bf16 than in fp32.
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
 def choose_mode(spec: TrainSpec) -> Mode:
     """QLoRA (4-bit NF4, bf16 compute) on CUDA; plain LoRA on CPU.
 
@@ -58,8 +51,7 @@ def choose_mode(spec: TrainSpec) -> Mode:
     """
     device = pick_device()
     name = spec.mode if spec.mode != "auto" else ("qlora" if device == "cuda" else "lora")
-    dtype = torch.bfloat16 if device == "cuda" or cpu_has_fast_bf16() else torch.float32
-    return Mode(name, device, dtype)
+    return Mode(name, device, compute_dtype(device))
 
 
 # ---------------------------------------------------------------- data

@@ -1,0 +1,162 @@
+"""Merged model -> GGUF (llama.cpp's own converter) -> quantized, run and checked with llama-cpp-python.
+
+The converter comes from the sdist of the same llama-cpp-python version that runs the files
+(scripts/fetch_gguf_converter.sh puts it in vendor/), so the writer and the reader always match.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tuneforge.chat import prompt_text
+from tuneforge.paths import repo_root
+
+# Spin-waiting OpenMP threads stall llama.cpp on a busy 2-core machine (a run went from 3 s to >120 s).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def converter_dir() -> Path:
+    folder = repo_root() / "vendor" / "llama.cpp-converter"
+    if not (folder / "convert_hf_to_gguf.py").exists():
+        raise FileNotFoundError(f"{folder} is missing: run scripts/fetch_gguf_converter.sh (scripts/setup.sh does)")
+    return folder
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """Adapter merged into the full-precision base (never into 4-bit weights: the fine-tune would be lost)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)  # with its chat template
+    return out_dir
+
+
+def convert_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Path:
+    folder = converter_dir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder / "gguf-py"), str(folder)])}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run([sys.executable, str(folder / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile",
+                             str(out_file), "--outtype", outtype], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed for {hf_dir}:\n{result.stderr[-3000:]}")
+    return out_file
+
+
+def quantize_gguf(in_file: Path, out_file: Path, qtype: str) -> Path:
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None)
+    if ftype is None:
+        known = sorted(n.removeprefix("LLAMA_FTYPE_MOSTLY_") for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
+        raise ValueError(f"unknown quantization type {qtype!r}; llama.cpp knows {known}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = os.cpu_count() or 1
+    code = llama_cpp.llama_model_quantize(str(in_file).encode(), str(out_file).encode(), ctypes.byref(params))
+    if code != 0:
+        raise RuntimeError(f"llama_model_quantize({in_file} -> {qtype}) returned {code}")
+    return out_file
+
+
+def load_llama(gguf_file: Path, *, logits_all: bool = False, n_ctx: int = 1024, n_threads: int | None = None):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), logits_all=logits_all,
+                 verbose=False, seed=0)
+
+
+@dataclass
+class GgufRun:
+    outputs: list[str]
+    prompt_tokens: int
+    generated_tokens: int
+    prompt_seconds: float
+    generation_seconds: float
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / max(self.prompt_seconds, 1e-9)
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        return self.generated_tokens / max(self.generation_seconds, 1e-9)
+
+
+def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int) -> GgufRun:
+    """Greedy decoding from the exact prompt tokens the HF model gets (HF tokenizer + chat template)."""
+    eos = tokenizer.eos_token_id
+    outputs, n_prompt, n_gen, t_prompt, t_gen = [], 0, 0, 0.0, 0.0
+    for record in records:
+        ids = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False)["input_ids"]
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(ids)
+        t_prompt += time.perf_counter() - start
+        n_prompt += len(ids)
+        answer: list[int] = []
+        start = time.perf_counter()
+        for _ in range(max_new_tokens):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if token == eos:
+                break
+            answer.append(token)
+            llm.eval([token])
+        t_gen += time.perf_counter() - start
+        n_gen += len(answer)
+        outputs.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
+    return GgufRun(outputs, n_prompt, n_gen, t_prompt, t_gen)
+
+
+@torch.no_grad()
+def next_token_parity(hf_model, tokenizer, llm, records: list[dict]) -> dict:
+    """Teacher-forced on each reference answer: top-1 agreement and mean KL(HF || GGUF) per answer token."""
+    agree, kls, count = 0, [], 0
+    for record in records:
+        prompt = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(record["messages"][-1]["content"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        ids = prompt + answer
+        hf_logits = hf_model(torch.tensor([ids])).logits[0].float()
+        llm.reset()
+        llm.eval(ids)
+        gg_logits = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        # Positions that predict the answer tokens: the last prompt token through the second-to-last answer token.
+        rows = slice(len(prompt) - 1, len(ids) - 1)
+        p_log = torch.log_softmax(hf_logits[rows], -1)
+        q_log = torch.log_softmax(gg_logits[rows], -1)
+        kls.append((p_log.exp() * (p_log - q_log)).sum(-1))
+        agree += int((p_log.argmax(-1) == q_log.argmax(-1)).sum())
+        count += p_log.shape[0]
+    return {"top1_agreement": agree / max(1, count), "mean_kl": float(torch.cat(kls).mean()), "answer_tokens": count}
+
+
+@torch.no_grad()
+def hf_speed(hf_model, tokenizer, records: list[dict], max_new_tokens: int) -> dict:
+    """The HF model's prompt and generation tokens/s on the same prompts, one at a time like llama.cpp."""
+    n_prompt, n_gen, t_prompt, t_gen = 0, 0, 0.0, 0.0
+    for record in records:
+        enc = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False, return_tensors="pt")
+        start = time.perf_counter()
+        hf_model(**enc)
+        t_prompt += time.perf_counter() - start
+        start = time.perf_counter()
+        out = hf_model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        t_gen += time.perf_counter() - start
+        n_prompt += enc["input_ids"].shape[1]
+        n_gen += out.shape[1] - enc["input_ids"].shape[1]
+    # generate() re-reads the prompt; subtract that to compare decoding speed with llama.cpp's.
+    t_gen = max(t_gen - t_prompt, 1e-9)
+    return {"prompt_tokens_per_second": n_prompt / max(t_prompt, 1e-9), "generation_tokens_per_second": n_gen / t_gen}
