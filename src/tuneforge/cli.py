@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     nb.add_argument("name", help="notebook name without .ipynb, e.g. 01_data_audit")
     nb.add_argument("--task", help="task name from params.yaml")
     sub.add_parser("base-model", help="save model.base as safetensors in models/base")
+    sv = sub.add_parser("serve", help="serve a task's GGUF (OpenAI-compatible API), logging every request")
+    sv.add_argument("--task", required=True)
+    sv.add_argument("--host", default="127.0.0.1", help="loopback by default: nothing is exposed")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--quantization", default="Q4_K_M")
     args = parser.parse_args(argv)
 
     if args.command == "notebook":
@@ -75,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
         save_base_model(load_params().model, base_model_dir())
         print(f"saved {base_model_dir()}")
+        return 0
+    if args.command == "serve":
+        from tuneforge.serve import serve
+
+        serve(args.task, args.host, args.port, args.quantization)
         return 0
     return 2
 

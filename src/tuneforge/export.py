@@ -95,6 +95,13 @@ class GgufRun:
         return self.generated_tokens / max(self.generation_seconds, 1e-9)
 
 
+def last_logits(llm) -> np.ndarray:
+    """Logits after the last evaluated token, read from the context (Llama.scores holds them only with logits_all)."""
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
 def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int) -> GgufRun:
     """Greedy decoding from the exact prompt tokens the HF model gets (HF tokenizer + chat template)."""
     eos = tokenizer.eos_token_id
@@ -109,7 +116,7 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int) -> G
         answer: list[int] = []
         start = time.perf_counter()
         for _ in range(max_new_tokens):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits(llm)))
             if token == eos:
                 break
             answer.append(token)
@@ -160,3 +167,26 @@ def hf_speed(hf_model, tokenizer, records: list[dict], max_new_tokens: int) -> d
     # generate() re-reads the prompt; subtract that to compare decoding speed with llama.cpp's.
     t_gen = max(t_gen - t_prompt, 1e-9)
     return {"prompt_tokens_per_second": n_prompt / max(t_prompt, 1e-9), "generation_tokens_per_second": n_gen / t_gen}
+
+
+def gguf_files(folder: Path, quantizations: list[str]) -> dict[str, Path]:
+    return {"f16": folder / "model-f16.gguf", **{q: folder / f"model-{q}.gguf" for q in quantizations}}
+
+
+def export_all(merged_dir: Path, gguf_dir: Path, quantizations: list[str]) -> dict[str, Path]:
+    """f16 with the converter, then each quantization from the f16 file."""
+    files = gguf_files(gguf_dir, quantizations)
+    convert_to_gguf(merged_dir, files["f16"], "f16")
+    for q in quantizations:
+        quantize_gguf(files["f16"], files[q], q)
+    return files
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

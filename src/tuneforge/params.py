@@ -118,6 +118,29 @@ class EvaluateSpec(Strict):
     max_regression: float = Field(0.0, ge=0, le=1, description="gate: tuned may trail base by at most this")
 
 
+class ExportSpec(Strict):
+    quantizations: list[str] = Field(default_factory=lambda: ["Q8_0", "Q4_K_M"], description="llama.cpp types, e.g. Q8_0, Q4_K_M")
+    max_rows: int = Field(80, ge=0, description="test rows each GGUF answers (0: all)")
+    parity_rows: int = Field(40, ge=1, description="test rows for next-token agreement and KL")
+    gate_quantization: str = Field("Q4_K_M", description="the file the parity gate checks")
+    max_metric_drop: float = Field(0.02, ge=0, le=1, description="gate: allowed drop of the primary metric vs the HF model")
+    n_threads: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _gate_is_exported(self) -> ExportSpec:
+        if self.gate_quantization not in self.quantizations:
+            raise ValueError(f"export.gate_quantization {self.gate_quantization!r} is not in export.quantizations")
+        return self
+
+
+class DriftSpec(Strict):
+    max_drift_share: float = Field(0.5, gt=0, le=1, description="retrain when at least this share of columns drifted")
+    max_validity_drop: float = Field(0.1, ge=0, le=1, description="retrain when valid answers fall by more than this")
+    max_latency_p95_ms: float = Field(5000, gt=0, description="retrain (or rescale) when p95 latency exceeds this")
+    min_rows: int = Field(30, ge=1, description="fewer current requests than this: no verdict")
+    max_rows: int = Field(300, ge=1, description="judge the most recent requests only")
+
+
 class Params(Strict):
     model: ModelSpec = ModelSpec()
     split: SplitSpec = SplitSpec()
@@ -125,6 +148,8 @@ class Params(Strict):
     audit: AuditSpec = AuditSpec()
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+    export: ExportSpec = ExportSpec()
+    drift: DriftSpec = DriftSpec()
 
     def task(self, name: str) -> TaskSpec:
         if name not in self.tasks:

@@ -1,0 +1,64 @@
+"""Write the embedded demo's production traffic: real requests answered by the exported Q4_K_M model.
+
+- address_json: the held-out `production` split (never used for training or testing): same distribution
+  as the reference, so the drift stage must stay quiet.
+- sms_spam: SpamAssassin emails (data/raw/production/spam_assassin.jsonl): a real channel shift, so the
+  drift stage must recommend retraining.
+
+Each request is answered and logged exactly as `tuneforge serve` logs it. Run after `dvc repro export`:
+
+    python scripts/make_demo_traffic.py --task sms_spam --rows 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from tuneforge.export import file_sha256, generate_gguf, load_llama
+from tuneforge.modeling import load_tokenizer
+from tuneforge.params import load_params
+from tuneforge.paths import models_dir, processed_dir, production_file, repo_root
+from tuneforge.prepare import read_jsonl
+from tuneforge.traffic import append_request
+
+
+def demo_inputs(task: str, rows: int) -> list[str]:
+    params = load_params()
+    spec = params.task(task)
+    if spec.production_source:
+        texts = [r["text"] for r in read_jsonl(repo_root() / spec.production_source)]
+    else:
+        texts = [r["messages"][-2]["content"] for r in read_jsonl(processed_dir(task) / "production.jsonl")]
+    step = max(1, len(texts) // rows)
+    return texts[::step][:rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--rows", type=int, default=300)
+    parser.add_argument("--quantization", default="Q4_K_M")
+    args = parser.parse_args()
+
+    params = load_params()
+    spec = params.task(args.task)
+    gguf = models_dir(args.task) / "gguf" / f"model-{args.quantization}.gguf"
+    tokenizer = load_tokenizer(models_dir(args.task) / "merged")
+    llm = load_llama(gguf, n_threads=params.export.n_threads)
+    digest = file_sha256(gguf)
+    out = production_file(args.task)
+    out.unlink(missing_ok=True)
+    for text in demo_inputs(args.task, args.rows):
+        messages = [{"role": "system", "content": spec.system_prompt}, {"role": "user", "content": text},
+                    {"role": "assistant", "content": ""}]
+        start = time.perf_counter()
+        answer = generate_gguf(llm, tokenizer, [{"messages": messages}], spec.max_new_tokens).outputs[0]
+        latency_ms = 1000 * (time.perf_counter() - start)
+        append_request(out, {"task": args.task, "input": text, "output": answer, "latency_ms": latency_ms,
+                             "model_file": gguf.name, "model_sha256": digest})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Drift verdicts on real data: a channel shift (SMS -> email) is caught, same-distribution traffic is not."""
+
+import json
+
+import pytest
+
+from tuneforge.drift import run_drift, traffic_frame
+from tuneforge.params import DriftSpec, load_params
+from tuneforge.prepare import prepare
+from tuneforge.traffic import append_request, read_traffic
+
+
+@pytest.fixture(scope="module")
+def splits(repo_root):
+    params = load_params(repo_root / "params.yaml")
+    return {t: prepare(params.task(t), params.split, repo_root).splits for t in ("sms_spam", "address_json")}, params
+
+
+def frame(texts, outputs, tokenizer, spec, latency=None):
+    return traffic_frame(texts, outputs, latency or [None] * len(texts), tokenizer, spec)
+
+
+def test_sms_to_email_shift_recommends_retraining(splits, tokenizer, repo_root):
+    data, params = splits
+    spec = params.task("sms_spam").output
+    test = data["sms_spam"]["test"][:200]
+    reference = frame([r.user_text for r in test], [r.answer for r in test], tokenizer, spec)
+    emails = [json.loads(line)["text"] for line in (repo_root / "data/raw/production/spam_assassin.jsonl").open()][::30][:200]
+    current = frame(emails, ["spam" if i % 3 else "Ham" for i in range(len(emails))], tokenizer, spec, [120.0] * len(emails))
+    outcome = run_drift(reference, current, DriftSpec())
+    assert outcome.retrain
+    assert "input_chars" in outcome.drifted_columns and "input" in outcome.drifted_columns
+    assert any("valid answers fell" in r for r in outcome.reasons)
+    assert outcome.metrics["current_latency_p95_ms"] == pytest.approx(120.0)
+
+
+def test_held_out_addresses_do_not_cry_drift(splits, tokenizer):
+    data, params = splits
+    spec = params.task("address_json").output
+    test, production = data["address_json"]["test"], data["address_json"]["production"]
+    reference = frame([r.user_text for r in test], [r.answer for r in test], tokenizer, spec)
+    current = frame([r.user_text for r in production], [r.answer for r in production], tokenizer, spec)
+    outcome = run_drift(reference, current, DriftSpec())
+    assert not outcome.retrain, outcome.reasons
+    assert outcome.metrics["drift_share"] < 0.5
+
+
+def test_too_little_traffic_gives_no_verdict(splits, tokenizer):
+    data, params = splits
+    spec = params.task("address_json").output
+    test = data["address_json"]["test"]
+    reference = frame([r.user_text for r in test], [r.answer for r in test], tokenizer, spec)
+    outcome = run_drift(reference, reference.head(40), DriftSpec(min_rows=50))
+    assert not outcome.retrain and "too few" in outcome.reasons[0]
+
+
+def test_traffic_log_appends_whole_lines_and_names_bad_ones(tmp_path):
+    log = tmp_path / "production" / "t.jsonl"
+    append_request(log, {"input": "a", "output": "ham"})
+    with log.open("ab") as f:
+        f.write(b'{"input": 3}\n{"inp')  # a foreign writer's bad line, and a torn one
+    append_request(log, {"input": "b"})
+    rows, problems = read_traffic(log)
+    assert [r["input"] for r in rows] == ["a"]
+    assert problems == [f"{log}:2: needs a string field 'input'", f"{log}:3: not a JSON line"]
+    assert "timestamp" in rows[0]
