@@ -1,81 +1,212 @@
-"""Task metrics on hand-made predictions."""
+"""Task metrics on hand-made predictions, with the expected numbers worked out by hand."""
+
+import json
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # before pyplot is imported anywhere: tests never open a window
 
+import matplotlib.pyplot as plt
 import pytest
 
-from tuneforge.metrics import confusion_figure, error_kind, example_score, score
+from tuneforge.metrics import INVALID, confusion_figure, error_kind, example_score, parse_object, score
 
-KEYS = ["AddressNumber", "StreetName", "PlaceName"]
-INPUT = "12 Main Springfield"
-REF = '{"AddressNumber": "12", "StreetName": "Main", "PlaceName": "Springfield"}'
+KEYS = ["AddressNumber", "StreetName", "StreetNamePostType", "PlaceName"]
+INPUT = "123 Main St Springfield"
+REF = '{"AddressNumber": "123", "StreetName": "Main", "StreetNamePostType": "St"}'
+LABELS = ["spam", "ham"]
+JSON_KW = {"allowed_keys": KEYS}
+
+# One example of each case; every reference is REF (3 pairs) and every input is INPUT.
+CASES = {
+    # 123 as a number and " Main " padded still equal the reference after str() and whitespace normalisation
+    "perfect": '{"AddressNumber": 123, "StreetName": " Main ", "StreetNamePostType": "St"}',
+    "fenced": "```json\n" + REF + "\n```",
+    "malformed": '{"AddressNumber": "123"',
+    "list": '["123", "Main", "St"]',
+    "empty": "",
+    # "Recipient" is not an allowed key; its value does occur in the input
+    "disallowed key": '{"AddressNumber": "123", "StreetName": "Main", "StreetNamePostType": "St", '
+                      '"Recipient": "Springfield"}',
+    "missing keys": '{"AddressNumber": "123"}',
+    "wrong values": '{"AddressNumber": "Main", "StreetName": "123", "StreetNamePostType": "St"}',
+    # neither "124" nor "Street" occurs in the input
+    "hallucinated": '{"AddressNumber": "124", "StreetName": "Main", "StreetNamePostType": "Street"}',
+}
 
 
-def json_score(predictions, references=None, inputs=None):
-    references = references or [REF] * len(predictions)
-    inputs = inputs or [INPUT] * len(predictions)
-    return score("json_object", predictions, references, inputs, allowed_keys=KEYS)
+def score_json(predictions):
+    n = len(predictions)
+    return score("json_object", predictions, [REF] * n, [INPUT] * n, **JSON_KW)
 
 
-def test_perfect_json_answers():
-    s = json_score([REF, '```json\n' + REF + '\n```'])  # a fenced block is accepted
-    assert s["valid_json"] == s["exact_match"] == s["micro_f1"] == s["allowed_keys_only"] == 1.0
+def test_perfect_json_answers_score_one():
+    s = score_json([CASES["perfect"], CASES["fenced"], REF])
+    assert s == {
+        "n": 3, "valid_json": 1.0, "allowed_keys_only": 1.0, "exact_match": 1.0,
+        "micro_precision": 1.0, "micro_recall": 1.0, "micro_f1": 1.0, "hallucination_rate": 0.0,
+        "per_key": {
+            "AddressNumber": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 3},
+            "StreetName": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 3},
+            "StreetNamePostType": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 3},
+            "PlaceName": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0},
+        },
+    }
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('  {"a": 1}\n', {"a": 1}),
+    ('```json\n{"a": 1}\n```', {"a": 1}),
+    ('```JSON {"a": 1} ```', {"a": 1}),
+    ('```\n{"a": 1}\n```', {"a": 1}),
+    ('```json\n{"a": 1}\n```\nHope this helps!', None),  # text after the fence
+    ('Sure: {"a": 1}', None),
+    ('{"a": 1', None),
+    ("[1, 2]", None),
+    ('"a"', None),
+    ("null", None),
+    ("", None),
+    ("[" * 100_000, None),  # degenerate repetition past the decoder's recursion limit
+])
+def test_parse_object(text, expected):
+    assert parse_object(text) == expected
+
+
+def test_mixed_json_answers_aggregate_by_hand():
+    s = score_json(list(CASES.values()))
+    assert s["n"] == 9
+    # valid: perfect, fenced, disallowed key, missing keys, wrong values, hallucinated
+    assert s["valid_json"] == pytest.approx(6 / 9)
+    assert s["allowed_keys_only"] == pytest.approx(5 / 9)  # the valid ones less "disallowed key"
+    assert s["exact_match"] == pytest.approx(2 / 9)  # perfect, fenced
+    # predicted pairs 3+3+0+0+0+4+1+3+3 = 17; true pairs 9*3 = 27; correct 3+3+3+1+1+1 = 12
+    assert s["micro_precision"] == pytest.approx(12 / 17)
+    assert s["micro_recall"] == pytest.approx(12 / 27)
+    assert s["micro_f1"] == pytest.approx(2 * 12 / (17 + 27))
+    # 17 predicted values in the valid answers, of which "124" and "Street" are not in the input
+    assert s["hallucination_rate"] == pytest.approx(2 / 17)
+    # AddressNumber: predicted 6 times, right 4 times, expected 9 times
+    assert s["per_key"]["AddressNumber"] == pytest.approx(
+        {"precision": 4 / 6, "recall": 4 / 9, "f1": 8 / 15, "support": 9})
+    # StreetName: predicted 5 times (not in "missing keys"), right 4 times (not in "wrong values")
+    assert s["per_key"]["StreetName"] == pytest.approx(
+        {"precision": 4 / 5, "recall": 4 / 9, "f1": 8 / 14, "support": 9})
+    assert s["per_key"]["PlaceName"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert list(s["per_key"]) == KEYS  # the invented "Recipient" key gets no row
+    json.dumps(s)  # the stages write it to JSON as is
+
+
+@pytest.mark.parametrize("case, kind, value", [
+    ("perfect", "ok", 1.0),
+    ("fenced", "ok", 1.0),
+    ("malformed", "invalid JSON", 0.0),
+    ("list", "not a JSON object", 0.0),
+    ("empty", "empty output", 0.0),
+    ("disallowed key", "extra keys", 6 / 7),  # 3 of 4 pairs right, all 3 found
+    ("missing keys", "missing keys", 0.5),  # 1 of 1 right, 1 of 3 found
+    ("wrong values", "wrong values", 1 / 3),
+    ("hallucinated", "hallucinated value", 1 / 3),
+])
+def test_json_error_kind_and_example_score(case, kind, value):
+    prediction = CASES[case]
+    assert error_kind("json_object", prediction, REF, INPUT, **JSON_KW) == kind
+    assert example_score("json_object", prediction, REF, INPUT, **JSON_KW) == pytest.approx(value)
+
+
+def test_json_error_kind_edge_cases():
+    def kind(prediction):
+        return error_kind("json_object", prediction, REF, INPUT, **JSON_KW)
+
+    assert kind(" \n\t") == "empty output"
+    assert kind('"123 Main St"') == "not a JSON object"
+    # an allowed key the reference does not have
+    assert kind(REF[:-1] + ', "PlaceName": "Springfield"}') == "extra keys"
+    # hallucination outranks missing keys; matching ignores case and spacing
+    assert kind('{"AddressNumber": "999"}') == "hallucinated value"
+    assert kind('{"AddressNumber": "123", "StreetName": "MAIN  st"}') == "missing keys"
+
+
+def test_hallucination_check_ignores_case_and_whitespace():
+    s = score("json_object", ['{"StreetName": "main   ST", "PlaceName": "springfield"}'],
+              ['{"StreetName": "Main St", "PlaceName": "Springfield"}'], ["123  Main St\nSpringfield"], **JSON_KW)
     assert s["hallucination_rate"] == 0.0
+    assert s["exact_match"] == 0.0  # values themselves compare case-sensitively
 
 
-def test_malformed_list_and_empty_outputs_count_as_nothing_predicted():
-    s = json_score(['{"AddressNumber": "12"', '["12"]', "", REF])
-    assert s["valid_json"] == 0.25 and s["exact_match"] == 0.25
-    assert s["micro_precision"] == 1.0 and s["micro_recall"] == 0.25
-    assert s["micro_f1"] == pytest.approx(0.4)
+def test_empty_json_object_matching_empty_reference_is_right():
+    assert example_score("json_object", "{}", "{}", INPUT, **JSON_KW) == 1.0
+    assert error_kind("json_object", "{}", "{}", INPUT, **JSON_KW) == "ok"
 
 
-def test_extra_missing_wrong_and_hallucinated_values():
-    preds = ['{"AddressNumber": "12", "StreetName": "Main", "PlaceName": "Springfield", "Color": "red"}',
-             '{"AddressNumber": "12"}',
-             '{"AddressNumber": "13", "StreetName": "Main", "PlaceName": "Springfield"}']
-    s = json_score(preds)
-    assert s["valid_json"] == 1.0
-    assert s["allowed_keys_only"] == pytest.approx(2 / 3)
-    assert s["exact_match"] == 0.0
-    # tp: 3 + 1 + 2 = 6; predicted pairs 4 + 1 + 3 = 8; true pairs 9
-    assert s["micro_precision"] == pytest.approx(6 / 8) and s["micro_recall"] == pytest.approx(6 / 9)
-    # values not in the input: "red" and "13" out of 8 predicted values
-    assert s["hallucination_rate"] == pytest.approx(2 / 8)
-    assert s["per_key"]["AddressNumber"]["recall"] == pytest.approx(2 / 3)
-    kinds = [error_kind("json_object", p, REF, INPUT, allowed_keys=KEYS) for p in preds]
-    assert kinds == ["extra keys", "missing keys", "hallucinated value"]
-    assert error_kind("json_object", '{"AddressNumber": "Main", "StreetName": "12", "PlaceName": "Springfield"}',
-                      REF, INPUT, allowed_keys=KEYS) == "wrong values"
-    assert error_kind("json_object", "", REF, INPUT, allowed_keys=KEYS) == "empty output"
-    assert error_kind("json_object", "{oops", REF, INPUT, allowed_keys=KEYS) == "invalid JSON"
-    assert error_kind("json_object", "[1]", REF, INPUT, allowed_keys=KEYS) == "not a JSON object"
-    assert error_kind("json_object", REF, REF, INPUT, allowed_keys=KEYS) == "ok"
-    assert example_score("json_object", '{"AddressNumber": "12"}', REF, INPUT) == pytest.approx(0.5)
+def test_labels_are_exact_case_sensitive_and_whitespace_tolerant():
+    predictions = ["spam", "  ham\n", "Spam", "eggs", "", "ham", "spam"]
+    references = ["spam", "ham", "spam", "ham", "ham", "spam", "spam"]
+    s = score("label", predictions, references, [""] * 7, labels=LABELS)
+    assert s["n"] == 7
+    assert s["valid_label"] == pytest.approx(4 / 7)  # "Spam", "eggs" and "" are no allowed label
+    assert s["accuracy"] == pytest.approx(3 / 7)
+    assert s["confusion"] == {
+        "labels": ["spam", "ham"],
+        "columns": ["spam", "ham", INVALID],
+        "matrix": [[2, 1, 1],   # spam expected: spam, spam, ham, "Spam"
+                   [0, 1, 2]],  # ham expected: ham, "eggs", ""
+    }
+    # spam: P 2/2, R 2/4 -> F1 2/3; ham: P 1/2, R 1/3 -> F1 2/5
+    assert s["per_label"]["spam"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 4})
+    assert s["per_label"]["ham"] == pytest.approx({"precision": 0.5, "recall": 1 / 3, "f1": 0.4, "support": 3})
+    assert s["macro_f1"] == pytest.approx((2 / 3 + 0.4) / 2)
+    json.dumps(s)
 
 
-def test_labels_are_exact_and_case_sensitive():
-    preds = ["spam", " ham\n", "Spam", "maybe", ""]
-    refs = ["spam", "ham", "spam", "ham", "ham"]
-    s = score("label", preds, refs, [""] * 5, labels=["spam", "ham"])
-    assert s["valid_label"] == pytest.approx(2 / 5)
-    assert s["accuracy"] == pytest.approx(2 / 5)
-    # spam: tp 1, predicted 1, true 2 -> f1 2/3; ham: tp 1, predicted 1, true 3 -> f1 0.5
-    assert s["per_label"]["spam"]["f1"] == pytest.approx(2 / 3)
-    assert s["per_label"]["ham"]["f1"] == pytest.approx(0.5)
-    assert s["macro_f1"] == pytest.approx((2 / 3 + 0.5) / 2)
-    assert s["confusion"]["columns"] == ["spam", "ham", "(invalid)"]
-    assert s["confusion"]["matrix"] == [[1, 0, 1], [0, 1, 2]]
-    assert error_kind("label", "Spam", "spam", "", labels=["spam", "ham"]) == "not an allowed label"
-    assert error_kind("label", "ham", "spam", "", labels=["spam", "ham"]) == "wrong label"
-    assert error_kind("label", "", "spam", "", labels=["spam", "ham"]) == "empty output"
-    assert example_score("label", " spam ", "spam", "", labels=["spam", "ham"]) == 1.0
-    fig = confusion_figure(s["confusion"], "test")
-    assert fig.axes[0].get_title() == "test"
+def test_macro_f1_by_hand_with_a_label_never_predicted():
+    s = score("label", ["a", "a", "b", "a"], ["a", "b", "c", "a"], [""] * 4, labels=["a", "b", "c"])
+    # a: P 2/3, R 2/2 -> F1 0.8; b: P 0/1 -> 0; c: never predicted -> 0
+    assert s["macro_f1"] == pytest.approx(0.8 / 3)
+    assert s["accuracy"] == 0.5
+    assert s["valid_label"] == 1.0
 
 
-def test_unknown_kind_is_an_error():
+@pytest.mark.parametrize("prediction, reference, kind, value", [
+    ("spam", "spam", "ok", 1.0),
+    (" ham \n", "ham", "ok", 1.0),
+    ("Spam", "spam", "not an allowed label", 0.0),
+    ("eggs", "ham", "not an allowed label", 0.0),
+    ("spam, probably", "spam", "not an allowed label", 0.0),
+    ("ham", "spam", "wrong label", 0.0),
+    ("  ", "spam", "empty output", 0.0),
+])
+def test_label_error_kind_and_example_score(prediction, reference, kind, value):
+    assert error_kind("label", prediction, reference, "", labels=LABELS) == kind
+    assert example_score("label", prediction, reference, "", labels=LABELS) == value
+
+
+def test_empty_batches_score_zero():
+    assert score_json([])["valid_json"] == 0.0
+    assert score("label", [], [], [], labels=LABELS)["macro_f1"] == 0.0
+
+
+def test_bad_calls_are_errors():
     with pytest.raises(ValueError, match="unknown output kind"):
         score("regression", [], [], [])
+    with pytest.raises(ValueError, match="unknown output kind"):
+        error_kind("regression", "x", "x", "x")
+    with pytest.raises(ValueError):  # lengths differ
+        score("json_object", [REF, REF], [REF], [INPUT], **JSON_KW)
+    with pytest.raises(ValueError, match="reference is not a JSON object"):
+        score("json_object", [REF], ["[1]"], [INPUT], **JSON_KW)
+    with pytest.raises(ValueError, match="outside the allowed labels"):
+        score("label", ["spam"], ["Spam"], [""], labels=LABELS)
+
+
+def test_confusion_figure_builds():
+    s = score("label", ["spam", "ham", "Spam"], ["spam", "spam", "ham"], [""] * 3, labels=LABELS)
+    fig = confusion_figure(s["confusion"], title="tuned model")
+    try:
+        ax = fig.axes[0]
+        assert ax.get_title() == "tuned model"
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["spam", "ham", INVALID]
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["spam", "ham"]
+        assert [t.get_text() for t in ax.texts] == ["1", "1", "0", "0", "0", "1"]
+        fig.canvas.draw()  # renders without error
+    finally:
+        plt.close(fig)

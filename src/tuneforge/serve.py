@@ -52,24 +52,26 @@ class RequestLog:
             return await receive()
 
         response = {"status": 500, "body": b""}
+        start = time.perf_counter()
 
         async def capture(message):
             if message["type"] == "http.response.start":
                 response["status"] = message["status"]
             elif message["type"] == "http.response.body":
                 response["body"] += message.get("body", b"")
+                if not message.get("more_body") and response["status"] == 200:
+                    self.log(payload, response["body"], time.perf_counter() - start)  # logged before the client hears back
             await send(message)
 
-        start = time.perf_counter()
         await self.app(scope, replay, capture)
-        if response["status"] == 200:
-            answer = json.loads(response["body"])
-            user = [m["content"] for m in payload["messages"] if m.get("role") == "user"]
-            append_request(self.log_file, {
-                "task": self.task, "input": user[-1] if user else "", "output": answer["choices"][0]["message"]["content"],
-                "latency_ms": 1000 * (time.perf_counter() - start), "model_file": self.model_file.name,
-                "model_sha256": self.model_sha256,
-            })
+
+    def log(self, payload: dict, body: bytes, seconds: float) -> None:
+        answer = json.loads(body)
+        user = [m["content"] for m in payload["messages"] if m.get("role") == "user"]
+        append_request(self.log_file, {
+            "task": self.task, "input": user[-1] if user else "", "output": answer["choices"][0]["message"]["content"],
+            "latency_ms": 1000 * seconds, "model_file": self.model_file.name, "model_sha256": self.model_sha256,
+        })
 
     def check(self, body: bytes) -> tuple[dict, str, int]:
         """(payload with defaults, problem, HTTP status): a clear 4xx instead of a server error."""
