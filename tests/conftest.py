@@ -49,6 +49,8 @@ def copy_repo(dest: Path) -> Path:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
+    if (ROOT / "vendor").exists():
+        (dest / "vendor").symlink_to(ROOT / "vendor")  # the fetched GGUF converter (git-ignored)
     git("init", "-q", cwd=dest)
     git("-c", "user.email=t@t", "-c", "user.name=t", "add", "-A", cwd=dest)
     git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "copy", cwd=dest)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 SMALL = {  # keep CI fast through params, not by mocking any stage
     "train": {"max_steps": 2, "eval_every": 1, "eval_rows": 8, "checkpoint_every": 1, "batch_size": 4},
-    "evaluate": {"max_rows": 6, "min_tuned_score": 0.0, "max_regression": 1.0},
+    "evaluate": {"max_rows": 24, "min_tuned_score": 0.0, "max_regression": 1.0},
+    "export": {"max_rows": 6, "parity_rows": 3, "max_metric_drop": 1.0},
 }
 
 
@@ -63,6 +66,42 @@ def test_repro_writes_splits_reports_and_metrics(pipeline):
         assert "Verdict" in html and "import pandas" not in html  # no code cells in the report
         assert "https://cdn" not in html and "unpkg.com" not in html
     assert (repo / "data/processed/address_json/production.jsonl").exists()
+
+
+def test_every_stage_reported(pipeline):
+    repo, _ = pipeline
+    for task in ("address_json", "sms_spam"):
+        train = json.loads((repo / f"reports/{task}/train.json").read_text())
+        assert train["mode"] == "lora" and train["device"] == "cpu" and train["steps"] == 2
+        assert "tuned_" + ("micro_f1" if task == "address_json" else "macro_f1") in (repo / f"reports/{task}/eval.json").read_text()
+        assert len((repo / f"data/predictions/{task}.jsonl").read_text().splitlines()) == 24
+        export = json.loads((repo / f"reports/{task}/export.json").read_text())
+        assert export["Q4_K_M_size_mb"] < export["f16_size_mb"] / 2
+        assert (repo / f"models/{task}/gguf/model-Q4_K_M.gguf").read_bytes()[:4] == b"GGUF"
+        drift = json.loads((repo / f"reports/{task}/drift.json").read_text())
+        assert isinstance(drift["retrain"], bool)
+        for name in ("02_train", "03_evaluate", "04_export_gguf", "05_drift_report"):
+            assert "https://cdn" not in (repo / f"reports/{task}/{name}.html").read_text()
+    assert (repo / "reports/index.html").exists()
+
+
+def test_index_and_its_links_render_offline_in_chromium(pipeline, tmp_path):
+    repo, _ = pipeline
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    index = repo / "reports/index.html"
+    links = re.findall(r'href="([^"]+)"', index.read_text())
+    assert len(links) >= 10
+    for page in [index] + [index.parent / link for link in links[:4]]:
+        assert page.exists(), page
+        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                              "--disable-component-update", "--disable-sync", "--no-first-run",
+                              f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
+                              "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                             capture_output=True, text=True, timeout=120)
+        assert dom.returncode == 0 and len(dom.stdout) > 1000, dom.stderr[-2000:]
+    assert "address_json" in dom.stdout or "Prepare" in dom.stdout
 
 
 def test_second_repro_is_up_to_date(pipeline):

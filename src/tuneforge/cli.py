@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     nb.add_argument("name", help="notebook name without .ipynb, e.g. 01_data_audit")
     nb.add_argument("--task", help="task name from params.yaml")
     sub.add_parser("base-model", help="save model.base as safetensors in models/base")
+    sub.add_parser("index", help="write reports/index.html, the stakeholder summary of every task")
     sv = sub.add_parser("serve", help="serve a task's GGUF (OpenAI-compatible API), logging every request")
     sv.add_argument("--task", required=True)
     sv.add_argument("--host", default="127.0.0.1", help="loopback by default: nothing is exposed")
@@ -80,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
 
         save_base_model(load_params().model, base_model_dir())
         print(f"saved {base_model_dir()}")
+        return 0
+    if args.command == "index":
+        from tuneforge.index import build_index
+
+        print(f"wrote {build_index()}")
         return 0
     if args.command == "serve":
         from tuneforge.serve import serve

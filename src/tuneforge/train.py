@@ -171,11 +171,12 @@ def lr_at(step: int, total: int, spec: TrainSpec) -> float:
 # ---------------------------------------------------------------- model
 
 
-def build_model(params: Params, mode: Mode):
+def build_model(params: Params, mode: Mode, model_dir: Path | None = None):
+    """The base (4-bit for QLoRA) with LoRA adapters on `train.lora.target_modules`."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     spec = params.train
-    model = load_causal_lm(base_model_dir(), dtype=mode.dtype, device=mode.device, load_in_4bit=mode.name == "qlora",
+    model = load_causal_lm(model_dir or base_model_dir(), dtype=mode.dtype, device=mode.device, load_in_4bit=mode.name == "qlora",
                            trust_remote_code=params.model.trust_remote_code)
     model.config.use_cache = False
     if mode.name == "qlora":
