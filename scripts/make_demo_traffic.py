@@ -1,4 +1,4 @@
-"""Write the embedded demo's production traffic: real requests answered by the exported Q4_K_M model.
+"""Write the embedded demo's production traffic: real requests answered by the exported GGUF model.
 
 - address_json: the held-out `production` split (never used for training or testing): same distribution
   as the reference, so the drift stage must stay quiet.
@@ -38,12 +38,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True)
     parser.add_argument("--rows", type=int, default=300)
-    parser.add_argument("--quantization", default="Q4_K_M")
+    parser.add_argument("--quantization", help="default: export.gate_quantization, the file `tuneforge serve` runs")
     args = parser.parse_args()
 
     params = load_params()
     spec = params.task(args.task)
-    gguf = models_dir(args.task) / "gguf" / f"model-{args.quantization}.gguf"
+    gguf = models_dir(args.task) / "gguf" / f"model-{args.quantization or params.export.gate_quantization}.gguf"
     tokenizer = load_tokenizer(models_dir(args.task) / "merged")
     llm = load_llama(gguf, n_threads=params.export.n_threads)
     digest = file_sha256(gguf)

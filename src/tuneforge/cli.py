@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--task", required=True)
     sv.add_argument("--host", default="127.0.0.1", help="loopback by default: nothing is exposed")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--quantization", default="Q4_K_M")
+    sv.add_argument("--quantization", help="a type from export.quantizations (default: export.gate_quantization)")
     args = parser.parse_args(argv)
 
     if args.command == "notebook":

@@ -47,7 +47,7 @@ def _fmt(value, pattern: str = "{:.3f}") -> str:
     return "–" if value is None else pattern.format(value)
 
 
-def task_section(task: str, folder: Path, primary: str) -> str:
+def task_section(task: str, folder: Path, primary: str, served: str) -> str:
     audit, train, ev, ex, dr = (_load(folder / f) for f in ("audit.json", "train.json", "eval.json", "export.json", "drift.json"))
     retrain = dr.get("retrain")
     verdicts = (
@@ -57,16 +57,15 @@ def task_section(task: str, folder: Path, primary: str) -> str:
         f"<tr><td>Drift</td><td>{_badge(None if retrain is None else not retrain, 'no drift', 'RETRAIN')}"
         f"{''.join(f'<div class=reason>{html.escape(r)}</div>' for r in dr.get('reasons', []))}</td></tr>"
     )
-    q4 = "Q4_K_M"
     numbers = [
         ("training records", _fmt(audit.get("train_records"), "{:,}")),
         ("quarantined records", _fmt(audit.get("quarantined"), "{:,}")),
         (f"{primary}: base → tuned", f"{_fmt(ev.get(f'base_{primary}'))} → <b>{_fmt(ev.get(f'tuned_{primary}'))}</b>"),
         ("validation loss: base → tuned", f"{_fmt(train.get('base_eval_loss'))} → {_fmt(train.get('best_eval_loss'))}"),
         ("training", f"{train.get('mode', '–')} on {train.get('device', '–')}, {_fmt(train.get('wall_seconds'), '{:.0f}')} s"),
-        (f"GGUF {q4} size", _fmt(ex.get(f"{q4}_size_mb"), "{:.0f} MB")),
-        (f"GGUF {q4} generation speed (CPU)", _fmt(ex.get(f"{q4}_generation_tokens_per_second"), "{:.0f} tokens/s")),
-        (f"GGUF {q4} {primary}", _fmt(ex.get(f"{q4}_{primary}"))),
+        (f"GGUF {served} size", _fmt(ex.get(f"{served}_size_mb"), "{:.0f} MB")),
+        (f"GGUF {served} generation speed (CPU)", _fmt(ex.get(f"{served}_generation_tokens_per_second"), "{:.0f} tokens/s")),
+        (f"GGUF {served} {primary}", _fmt(ex.get(f"{served}_{primary}"))),
         ("drift share (columns drifted)", _fmt(dr.get("drift_share"), "{:.0%}")),
     ]
     rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in numbers)
@@ -86,7 +85,8 @@ pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:80%}"""
 def build_index(root: Path | None = None) -> Path:
     root = root or repo_root()
     params = yaml.safe_load((root / "params.yaml").read_text())
-    sections = "".join(task_section(task, root / "reports" / task, spec.get("primary_metric", ""))
+    served = params.get("export", {}).get("gate_quantization", "Q8_0")
+    sections = "".join(task_section(task, root / "reports" / task, spec.get("primary_metric", ""), served)
                        for task, spec in params.get("tasks", {}).items())
     built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = (f"<!DOCTYPE html><html><head><meta charset=utf-8><title>tuneforge report</title><style>{CSS}</style></head><body>"

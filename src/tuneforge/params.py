@@ -122,8 +122,8 @@ class ExportSpec(Strict):
     quantizations: list[str] = Field(default_factory=lambda: ["Q8_0", "Q4_K_M"], description="llama.cpp types, e.g. Q8_0, Q4_K_M")
     max_rows: int = Field(80, ge=0, description="test rows each GGUF answers (0: all)")
     parity_rows: int = Field(40, ge=1, description="test rows for next-token agreement and KL")
-    gate_quantization: str = Field("Q4_K_M", description="the file the parity gate checks")
-    max_metric_drop: float = Field(0.02, ge=0, le=1, description="gate: allowed drop of the primary metric vs the HF model")
+    gate_quantization: str = Field("Q8_0", description="the file the parity gate checks, and the one served")
+    max_metric_drop: float = Field(0.03, ge=0, le=1, description="gate: allowed drop of the primary metric vs the HF model")
     n_threads: int = Field(2, ge=1)
 
     @model_validator(mode="after")

@@ -105,7 +105,8 @@ async def reply_error(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def build_app(task: str, quantization: str = "Q4_K_M", n_ctx: int = 1024):
+def build_app(task: str, quantization: str | None = None, n_ctx: int = 1024):
+    """quantization: a type from export.quantizations; by default the one the export gate checked."""
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
@@ -115,7 +116,7 @@ def build_app(task: str, quantization: str = "Q4_K_M", n_ctx: int = 1024):
 
     params = load_params()
     spec = params.task(task)
-    model_file = models_dir(task) / "gguf" / f"model-{quantization}.gguf"
+    model_file = models_dir(task) / "gguf" / f"model-{quantization or params.export.gate_quantization}.gguf"
     if not model_file.exists():
         raise FileNotFoundError(f"{model_file} does not exist: run `dvc repro export@{task}` first")
     app = create_app(server_settings=ServerSettings(),
@@ -126,7 +127,7 @@ def build_app(task: str, quantization: str = "Q4_K_M", n_ctx: int = 1024):
                       model_file=model_file, model_sha256=file_sha256(model_file), max_input_chars=2 * n_ctx)
 
 
-def serve(task: str, host: str, port: int, quantization: str) -> None:
+def serve(task: str, host: str, port: int, quantization: str | None) -> None:
     import uvicorn
 
     uvicorn.run(build_app(task, quantization), host=host, port=port, log_level="warning")
