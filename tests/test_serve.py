@@ -34,7 +34,7 @@ def server(tmp_path_factory, repo_root, base_model_dir):
     gguf = root / "models" / "address_json" / "gguf"
     os.environ["TUNEFORGE_ROOT"] = str(root)
     try:
-        export.quantize_gguf(export.convert_to_gguf(base_model_dir, gguf / "model-f16.gguf"), gguf / "model-Q4_K_M.gguf", "Q4_K_M")
+        export.quantize_gguf(export.convert_to_gguf(base_model_dir, gguf / "model-f16.gguf"), gguf / "model-Q8_0.gguf", "Q8_0")
     finally:
         del os.environ["TUNEFORGE_ROOT"]
     port = free_port()
@@ -68,7 +68,7 @@ def test_chat_completions_are_answered_and_logged(server):
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["input"] for r in rows[-2:]] == inputs
     for row in rows[-2:]:
-        assert row["latency_ms"] > 0 and row["model_file"] == "model-Q4_K_M.gguf"
+        assert row["latency_ms"] > 0 and row["model_file"] == "model-Q8_0.gguf"  # export.gate_quantization
         assert len(row["model_sha256"]) == 64 and row["timestamp"] > 0 and "output" in row
 
 

@@ -7,6 +7,8 @@ The converter comes from the sdist of the same llama-cpp-python version that run
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -36,17 +38,19 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True,
+                                                trust_remote_code=False)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)  # with its chat template
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)  # with chat_template.jinja: the converter embeds it
     return out_dir
 
 
 def convert_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Path:
     folder = converter_dir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder / "gguf-py"), str(folder)])}
+    # The bundled gguf-py first: PyPI's gguf is a different version and breaks this converter (LazyChunkedTensor).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder / "gguf-py"), str(folder)]), "HF_HUB_OFFLINE": "1"}
     out_file.parent.mkdir(parents=True, exist_ok=True)
     result = subprocess.run([sys.executable, str(folder / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile",
                              str(out_file), "--outtype", outtype], env=env, capture_output=True, text=True)
@@ -57,21 +61,41 @@ def convert_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Path:
 
 def quantize_gguf(in_file: Path, out_file: Path, qtype: str) -> Path:
     import llama_cpp
+    from llama_cpp._logger import llama_log_callback  # the callback llama-cpp-python installs at import
 
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None)
     if ftype is None:
         known = sorted(n.removeprefix("LLAMA_FTYPE_MOSTLY_") for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
         raise ValueError(f"unknown quantization type {qtype!r}; llama.cpp knows {known}")
+    if not in_file.is_file():
+        raise FileNotFoundError(f"{in_file} does not exist: convert the model to GGUF first")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    params.nthread = os.cpu_count() or 1
-    code = llama_cpp.llama_model_quantize(str(in_file).encode(), str(out_file).encode(), ctypes.byref(params))
+    params.nthread = os.cpu_count() or 1  # 0 would mean the host's core count, not the ones this process may use
+    # llama.cpp logs every tensor (~230 kB in a notebook), and llama-cpp-python's log filter reads ggml's levels
+    # off by one (warnings pass at verbose=False, errors never do): collect the log, show it only on failure.
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode(errors="replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        code = llama_cpp.llama_model_quantize(str(in_file).encode(), str(out_file).encode(), ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
     if code != 0:
-        raise RuntimeError(f"llama_model_quantize({in_file} -> {qtype}) returned {code}")
+        raise RuntimeError(f"llama_model_quantize({in_file} -> {qtype}) returned {code}:\n{''.join(lines)[-3000:]}")
+    # e.g. k-quants need rows divisible by 256; SmolLM2-135M's 576 falls back to q5_0/q8_0 for most tensors.
+    for line in lines:
+        if "required fallback quantization" in line:
+            logging.getLogger(__name__).warning("%s: %s", out_file.name, line.strip())
     return out_file
 
 
 def load_llama(gguf_file: Path, *, logits_all: bool = False, n_ctx: int = 1024, n_threads: int | None = None):
+    """logits_all=True keeps every position's logits (next_token_parity needs them; generation does not)."""
     from llama_cpp import Llama
 
     return Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), logits_all=logits_all,
@@ -80,19 +104,28 @@ def load_llama(gguf_file: Path, *, logits_all: bool = False, n_ctx: int = 1024, 
 
 @dataclass
 class GgufRun:
-    outputs: list[str]
-    prompt_tokens: int
-    generated_tokens: int
-    prompt_seconds: float
-    generation_seconds: float
+    """One dict per record: output, prompt_tokens, generated_tokens, prompt_seconds, generation_seconds."""
+
+    results: list[dict]
+
+    @property
+    def outputs(self) -> list[str]:
+        return [r["output"] for r in self.results]
+
+    def total(self, key: str) -> float:
+        return sum(r[key] for r in self.results)
+
+    @property
+    def generated_tokens(self) -> int:
+        return int(self.total("generated_tokens"))
 
     @property
     def prompt_tokens_per_second(self) -> float:
-        return self.prompt_tokens / max(self.prompt_seconds, 1e-9)
+        return self.total("prompt_tokens") / max(self.total("prompt_seconds"), 1e-9)
 
     @property
     def generation_tokens_per_second(self) -> float:
-        return self.generated_tokens / max(self.generation_seconds, 1e-9)
+        return self.generated_tokens / max(self.total("generation_seconds"), 1e-9)
 
 
 def last_logits(llm) -> np.ndarray:
@@ -103,16 +136,19 @@ def last_logits(llm) -> np.ndarray:
 
 
 def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int) -> GgufRun:
-    """Greedy decoding from the exact prompt tokens the HF model gets (HF tokenizer + chat template)."""
+    """Greedy answers to each record's conversation minus its last (reference) message.
+
+    The prompt is the HF tokenizer's chat-template rendering, fed as token ids, so the GGUF model reads exactly
+    the tokens the HF model read in evaluation; create_chat_completion re-renders and re-tokenizes inside llama.cpp.
+    """
     eos = tokenizer.eos_token_id
-    outputs, n_prompt, n_gen, t_prompt, t_gen = [], 0, 0, 0.0, 0.0
+    results = []
     for record in records:
         ids = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False)["input_ids"]
         llm.reset()
         start = time.perf_counter()
         llm.eval(ids)
-        t_prompt += time.perf_counter() - start
-        n_prompt += len(ids)
+        prompt_seconds = time.perf_counter() - start
         answer: list[int] = []
         start = time.perf_counter()
         for _ in range(max_new_tokens):
@@ -121,18 +157,21 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int) -> G
                 break
             answer.append(token)
             llm.eval([token])
-        t_gen += time.perf_counter() - start
-        n_gen += len(answer)
-        outputs.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
-    return GgufRun(outputs, n_prompt, n_gen, t_prompt, t_gen)
+        results.append({"output": tokenizer.decode(answer, skip_special_tokens=True).strip(), "prompt_tokens": len(ids),
+                        "generated_tokens": len(answer), "prompt_seconds": prompt_seconds,
+                        "generation_seconds": time.perf_counter() - start})
+    return GgufRun(results)
 
 
 @torch.no_grad()
 def next_token_parity(hf_model, tokenizer, llm, records: list[dict]) -> dict:
     """Teacher-forced on each reference answer: top-1 agreement and mean KL(HF || GGUF) per answer token."""
+    if not llm._logits_all:  # without it Llama.scores holds no per-position logits, only stale memory
+        raise ValueError("next_token_parity needs a model loaded with load_llama(..., logits_all=True)")
     agree, kls, count = 0, [], 0
     for record in records:
         prompt = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False)["input_ids"]
+        # Tokenized apart from the prompt, as chat.render does for training.
         answer = tokenizer(record["messages"][-1]["content"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         ids = prompt + answer
         hf_logits = hf_model(torch.tensor([ids])).logits[0].float()
@@ -163,7 +202,8 @@ def hf_speed(hf_model, tokenizer, records: list[dict], max_new_tokens: int) -> d
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         t_gen += time.perf_counter() - start
         n_prompt += enc["input_ids"].shape[1]
-        n_gen += out.shape[1] - enc["input_ids"].shape[1]
+        # Without the final end-of-turn token, as generate_gguf counts.
+        n_gen += int((out[0, enc["input_ids"].shape[1]:] != tokenizer.eos_token_id).sum())
     # generate() re-reads the prompt; subtract that to compare decoding speed with llama.cpp's.
     t_gen = max(t_gen - t_prompt, 1e-9)
     return {"prompt_tokens_per_second": n_prompt / max(t_prompt, 1e-9), "generation_tokens_per_second": n_gen / t_gen}
@@ -183,8 +223,6 @@ def export_all(merged_dir: Path, gguf_dir: Path, quantizations: list[str]) -> di
 
 
 def file_sha256(path: Path) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
