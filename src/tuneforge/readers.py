@@ -109,62 +109,58 @@ def _string_fields(obj: dict, names: tuple[str, ...], optional: tuple[str, ...] 
     return values, ""
 
 
-def read_chat_jsonl(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
+def _read_jsonl_records(path: Path, rel: str, to_messages) -> Iterator[Record | Rejected]:
+    """Shared loop of the JSONL readers: `to_messages(obj)` gives (messages, "") or ([], reason)."""
     for item in _jsonl_objects(path, rel):
         if isinstance(item, Rejected):
             yield item
             continue
         number, obj = item
-        messages = obj.get("messages")
-        if not isinstance(messages, list) or not messages:
-            yield Rejected(rel, number, "field 'messages' must be a non-empty list", json.dumps(obj)[:500])
-            continue
-        problem = ""
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                problem = f"messages[{i}] needs a role in {ROLES} and a string content"
-                break
-        if not problem and messages[-1]["role"] != "assistant":
-            problem = "the last message must be the assistant's answer"
+        messages, problem = to_messages(obj)
         if problem:
             yield Rejected(rel, number, problem, json.dumps(obj)[:500])
             continue
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        if task.system_prompt and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": task.system_prompt})
         given = obj.get("id")
         yield Record(messages, f"{rel}:{number}", given_id=None if given is None else str(given))
 
 
+def read_chat_jsonl(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
+    def to_messages(obj: dict) -> tuple[list[dict[str, str]], str]:
+        messages = obj.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return [], "field 'messages' must be a non-empty list"
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                return [], f"messages[{i}] needs a role in {ROLES} and a string content"
+        if messages[-1]["role"] != "assistant":
+            return [], "the last message must be the assistant's answer"
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if task.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": task.system_prompt})
+        return messages, ""
+
+    return _read_jsonl_records(path, rel, to_messages)
+
+
 def read_alpaca_jsonl(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
-    for item in _jsonl_objects(path, rel):
-        if isinstance(item, Rejected):
-            yield item
-            continue
-        number, obj = item
+    def to_messages(obj: dict) -> tuple[list[dict[str, str]], str]:
         values, problem = _string_fields(obj, ("instruction", "output"), optional=("input",))
         if problem:
-            yield Rejected(rel, number, problem, json.dumps(obj)[:500])
-            continue
+            return [], problem
         user = values["instruction"] + (f"\n\n{values['input']}" if values["input"] else "")
-        given = obj.get("id")
-        yield Record(_with_system(task.system_prompt, user, values["output"]), f"{rel}:{number}",
-                     given_id=None if given is None else str(given))
+        return _with_system(task.system_prompt, user, values["output"]), ""
+
+    return _read_jsonl_records(path, rel, to_messages)
 
 
 def read_prompt_completion_jsonl(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
-    for item in _jsonl_objects(path, rel):
-        if isinstance(item, Rejected):
-            yield item
-            continue
-        number, obj = item
+    def to_messages(obj: dict) -> tuple[list[dict[str, str]], str]:
         values, problem = _string_fields(obj, ("prompt", "completion"))
         if problem:
-            yield Rejected(rel, number, problem, json.dumps(obj)[:500])
-            continue
-        given = obj.get("id")
-        yield Record(_with_system(task.system_prompt, values["prompt"], values["completion"]), f"{rel}:{number}",
-                     given_id=None if given is None else str(given))
+            return [], problem
+        return _with_system(task.system_prompt, values["prompt"], values["completion"]), ""
+
+    return _read_jsonl_records(path, rel, to_messages)
 
 
 def read_csv(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
