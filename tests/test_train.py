@@ -80,6 +80,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(tiny_root):
     proc.wait()
     step_at_kill = json.loads(progress.read_text())["step"]
     assert 2 <= step_at_kill < 4
+    shutil.rmtree(adapter)  # as `dvc repro` does with a stage's outputs before rerunning it
 
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     resumed = load_file(adapter / "adapter_model.safetensors")

@@ -205,11 +205,15 @@ def fingerprint(params: Params, task: str, n_train: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
-    """Write to a temporary folder, then rename: a kill mid-write leaves the previous checkpoint intact."""
+def save_checkpoint(folder: Path, model, optimizer, state: dict, best_adapter: Path) -> None:
+    """Write to a temporary folder, then rename: a kill mid-write leaves the previous checkpoint intact.
+
+    The best adapter so far goes in too: `dvc repro` deletes a stage's outputs before rerunning it.
+    """
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    shutil.copytree(best_adapter, tmp / "best_adapter")
     torch.save({"trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "state.pt")
@@ -218,7 +222,7 @@ def save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
     tmp.rename(folder)
 
 
-def load_checkpoint(folder: Path, model, optimizer, expected_fingerprint: str) -> dict | None:
+def load_checkpoint(folder: Path, model, optimizer, expected_fingerprint: str, best_adapter: Path) -> dict | None:
     progress_file = folder / "progress.json"
     if not progress_file.exists():
         return None
@@ -234,6 +238,7 @@ def load_checkpoint(folder: Path, model, optimizer, expected_fingerprint: str) -
     random.setstate(saved["python_rng"])
     if saved["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    shutil.copytree(folder / "best_adapter", best_adapter, dirs_exist_ok=True)
     return state
 
 
@@ -272,7 +277,7 @@ def train_task(task: str, params: Params | None = None) -> dict:
     out = models_dir(task)
     adapter_dir, checkpoint_dir = out / "adapter", out / "checkpoints" / "last"
     fp = fingerprint(params, task, len(train_examples))
-    state = load_checkpoint(checkpoint_dir, model, optimizer, fp) or {
+    state = load_checkpoint(checkpoint_dir, model, optimizer, fp, adapter_dir) or {
         "fingerprint": fp, "step": 0, "tokens_seen": 0, "best_eval_loss": None, "best_step": 0,
         "bad_evals": 0, "history": [], "train_seconds": 0.0,
     }
@@ -332,7 +337,8 @@ def train_task(task: str, params: Params | None = None) -> dict:
             stop_reason = f"early stopping: no better validation loss in {spec.early_stopping_patience} evaluations"
             break
         if is_main and state["step"] % spec.checkpoint_every == 0 and state["step"] < total_steps:
-            save_checkpoint(checkpoint_dir, model, optimizer, {**state, "train_seconds": state["train_seconds"] + elapsed})
+            save_checkpoint(checkpoint_dir, model, optimizer, {**state, "train_seconds": state["train_seconds"] + elapsed},
+                            adapter_dir)
     bar.close()
     state["train_seconds"] += time.perf_counter() - started
 
