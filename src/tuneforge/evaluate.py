@@ -75,8 +75,10 @@ def per_example(task: TaskSpec, record: dict, output: str) -> tuple[float, str]:
 def gate(task: TaskSpec, spec: EvaluateSpec, base_score: float, tuned_score: float) -> list[str]:
     name = task.primary_metric
     failures = []
-    if tuned_score < spec.min_tuned_score:
-        failures.append(f"tuned {name} {tuned_score:.3f} is below evaluate.min_tuned_score {spec.min_tuned_score:.3f}")
+    minimum, setting = ((task.min_score, "the task's min_score") if task.min_score is not None
+                        else (spec.min_tuned_score, "evaluate.min_tuned_score"))
+    if tuned_score < minimum:
+        failures.append(f"tuned {name} {tuned_score:.3f} is below {setting} {minimum:.3f}")
     if tuned_score < base_score - spec.max_regression:
         failures.append(f"tuned {name} {tuned_score:.3f} trails the base's {base_score:.3f} by more than "
                         f"evaluate.max_regression {spec.max_regression:.3f}")

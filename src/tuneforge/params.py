@@ -48,6 +48,7 @@ class TaskSpec(Strict):
     output: OutputSpec
     primary_metric: str = Field(description="the metric gates and summaries use, e.g. micro_f1 or macro_f1")
     max_new_tokens: int = Field(96, ge=1, description="generation budget for one answer")
+    min_score: float | None = Field(None, ge=0, le=1, description="evaluation gate for this task; default evaluate.min_tuned_score")
     production_fraction: float = Field(
         0.0, ge=0.0, lt=0.5, description="share held out of every split as same-distribution traffic for drift"
     )
