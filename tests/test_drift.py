@@ -51,7 +51,9 @@ def test_too_little_traffic_gives_no_verdict(splits, tokenizer):
     test = data["address_json"]["test"]
     reference = frame([r.user_text for r in test], [r.answer for r in test], tokenizer, spec)
     outcome = run_drift(reference, reference.head(40), DriftSpec(min_rows=50))
-    assert not outcome.retrain and "too few" in outcome.reasons[0]
+    assert not outcome.retrain and "too few" in outcome.reasons[0] and outcome.snapshot is None
+    empty = frame([], [], tokenizer, spec)  # a task nobody has sent a request yet
+    assert len(empty) == 0 and not run_drift(reference, empty, DriftSpec()).retrain
 
 
 def test_traffic_log_appends_whole_lines_and_names_bad_ones(tmp_path):

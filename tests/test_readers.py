@@ -13,8 +13,9 @@ LABELS = OutputSpec(kind="label", labels=["spam", "ham"])
 
 
 def task(reader: str, source: str = "x", **kw) -> TaskSpec:
-    return TaskSpec(source=source, reader=reader, system_prompt="S", output=kw.pop("output", LABELS),
-                    primary_metric="accuracy", **kw)
+    output = kw.pop("output", LABELS)
+    return TaskSpec(source=source, reader=reader, system_prompt="S", output=output,
+                    primary_metric="accuracy" if output.kind == "label" else "micro_f1", **kw)
 
 
 def read(tmp_path: Path, name: str, content: bytes, spec: TaskSpec):
@@ -142,3 +143,9 @@ def test_params_errors_name_the_setting(tmp_path):
     with pytest.raises(ParamsError) as err:
         load_params(bad)
     assert "tasks.t.reader" in str(err.value) and "tasks.t.output" in str(err.value)
+    bad.write_text("trian: {max_steps: 3}\ntasks: {}\n")
+    with pytest.raises(ParamsError, match="unknown section"):
+        load_params(bad)
+    with pytest.raises(ValueError, match="not a label metric"):
+        TaskSpec(source="x", reader="csv", columns={"input": "a", "output": "b"}, primary_metric="micro_f1",
+                 output=LABELS)

@@ -39,10 +39,10 @@ def prediction_category(output: str, spec: OutputSpec) -> str:
 
 def traffic_frame(inputs: list[str], outputs: list[str | None], latencies_ms: list[float | None],
                   tokenizer, spec: OutputSpec) -> pd.DataFrame:
-    df = pd.DataFrame({"input": inputs})
+    df = pd.DataFrame({"input": pd.Series(inputs, dtype=object)})
     df["input_chars"] = df["input"].str.len()
-    df["input_tokens"] = [len(ids) for ids in tokenizer(inputs, add_special_tokens=False)["input_ids"]]
-    if any(o is not None for o in outputs):
+    df["input_tokens"] = [len(ids) for ids in tokenizer(inputs, add_special_tokens=False)["input_ids"]] if inputs else []
+    if inputs and any(o is not None for o in outputs):
         known = [o if o is not None else "" for o in outputs]
         df["output_tokens"] = [len(ids) for ids in tokenizer(known, add_special_tokens=False)["input_ids"]]
         df["output_valid"] = ["valid" if answer_is_valid(o, spec) else "invalid" for o in known]
@@ -62,7 +62,7 @@ def fold_rare(reference: pd.Series, current: pd.Series, keep: int = 8) -> tuple[
 
 @dataclass
 class DriftOutcome:
-    snapshot: object  # evidently Snapshot: save_html / save_json / dict
+    snapshot: object | None  # evidently Snapshot (save_html, dict); None when there was too little traffic
     retrain: bool
     reasons: list[str]
     metrics: dict
@@ -70,7 +70,14 @@ class DriftOutcome:
 
 
 def run_drift(reference: pd.DataFrame, current: pd.DataFrame, spec) -> DriftOutcome:
-    """Evidently drift report with tests; the verdict combines the tests with validity and latency rules."""
+    """Evidently drift report with tests; the verdict combines the tests with validity and latency rules.
+
+    With fewer than `min_rows` current requests there is no verdict and no Evidently report (snapshot None).
+    """
+    if len(current) < spec.min_rows:
+        reason = f"only {len(current)} current requests (drift.min_rows = {spec.min_rows}): too few to judge"
+        return DriftOutcome(None, False, [reason], {"reference_rows": len(reference), "current_rows": len(current),
+                                                    "retrain": False}, [])
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import DriftedColumnsCount, MeanValue, ValueDrift
     from evidently.tests import gte, lt
@@ -114,11 +121,7 @@ def run_drift(reference: pd.DataFrame, current: pd.DataFrame, spec) -> DriftOutc
     latency_p95 = float(current["latency_ms"].quantile(0.95)) if "latency_ms" in current and current["latency_ms"].notna().any() else None
     if latency_p95 is not None and latency_p95 > spec.max_latency_p95_ms:
         reasons.append(f"p95 latency {latency_p95:.0f} ms exceeds drift.max_latency_p95_ms = {spec.max_latency_p95_ms:.0f}")
-    if len(current) < spec.min_rows:
-        reasons = [f"only {len(current)} current requests (drift.min_rows = {spec.min_rows}): too few to judge"]
-        retrain = False
-    else:
-        retrain = bool(reasons)
+    retrain = bool(reasons)
     summary = {
         "reference_rows": len(reference), "current_rows": len(current), "columns_checked": len(shared),
         "drifted_columns": len(drifted), "drift_share": share,

@@ -33,13 +33,13 @@ def converter_dir() -> Path:
     return folder
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, trust_remote_code: bool = False) -> Path:
     """Adapter merged into the full-precision base (never into 4-bit weights: the fine-tune would be lost)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True,
-                                                trust_remote_code=False)
+                                                trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)

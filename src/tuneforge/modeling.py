@@ -87,7 +87,7 @@ def load_causal_lm(model_dir: Path, *, dtype: torch.dtype, device: str, load_in_
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
         )
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": torch.device(device).index or 0} if device.startswith("cuda") else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if not load_in_4bit:
         model.to(device)

@@ -35,6 +35,10 @@ class OutputSpec(Strict):
         return self
 
 
+METRICS = {  # the scalar metrics tuneforge.metrics computes for each output kind
+    "json_object": ["micro_f1", "exact_match", "valid_json", "allowed_keys_only", "micro_precision", "micro_recall"],
+    "label": ["macro_f1", "accuracy", "valid_label"],
+}
 READERS = ("chat_jsonl", "alpaca_jsonl", "prompt_completion_jsonl", "csv", "usaddress_xml", "sms_spam_lines")
 
 
@@ -55,6 +59,13 @@ class TaskSpec(Strict):
     production_source: str = Field(
         "", description="optional raw file of real traffic (JSONL with 'text'); used by the drift demo"
     )
+
+    @model_validator(mode="after")
+    def _metric_fits_output(self) -> TaskSpec:
+        known = METRICS[self.output.kind]
+        if self.primary_metric not in known:
+            raise ValueError(f"primary_metric {self.primary_metric!r} is not a {self.output.kind} metric; use one of {known}")
+        return self
 
     @model_validator(mode="after")
     def _csv_needs_columns(self) -> TaskSpec:
@@ -171,10 +182,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    # DVC and papermill may add sections of their own; validate only the ones we own.
-    owned = {k: v for k, v in raw.items() if k in Params.model_fields}
+    unknown = sorted(set(raw) - set(Params.model_fields))
+    if unknown:  # a typo such as `trian:` would otherwise run silently with defaults
+        raise ParamsError(f"{path}: unknown section(s) {unknown}; known: {sorted(Params.model_fields)}")
     try:
-        return Params.model_validate(owned)
+        return Params.model_validate(raw)
     except ValidationError as err:
         lines = [f"{path}: invalid settings"]
         for e in err.errors():

@@ -18,7 +18,6 @@ import math
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,8 +127,7 @@ def make_batches(examples: list[Rendered], spec: TrainSpec, pad_id: int, seed: i
 
 
 def causal_lm(model):
-    """The transformers CausalLM inside a PEFT (and DDP) wrapper."""
-    model = getattr(model, "module", model)
+    """The transformers CausalLM inside a PEFT wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -146,8 +144,8 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     # On CUDA, autocast keeps the fp32 pieces (LoRA weights, and the norms and head that QLoRA's
     # preparation upcasts) in bf16 matmuls: without it a 1B QLoRA step ran at half the speed.
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=targets.device.type == "cuda"):
-        hidden = lm.model(**inputs).last_hidden_state[:, :-1]
-        logits = lm.lm_head(hidden[keep])
+        hidden = lm.base_model(**inputs).last_hidden_state[:, :-1]  # the decoder, whatever the architecture names it
+        logits = lm.get_output_embeddings()(hidden[keep])
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
 
 
@@ -199,10 +197,10 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- checkpoints
 
 
-def fingerprint(params: Params, task: str, n_train: int) -> str:
+def fingerprint(params: Params, task: str, train_file: Path) -> str:
     """Resume only a run with identical settings and data."""
-    blob = json.dumps([params.train.model_dump(), params.model.model_dump(), task, n_train], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    blob = json.dumps([params.train.model_dump(), params.model.model_dump(), task], sort_keys=True).encode()
+    return hashlib.sha256(blob + train_file.read_bytes()).hexdigest()[:16]
 
 
 def save_checkpoint(folder: Path, model, optimizer, state: dict, best_adapter: Path) -> None:
@@ -268,7 +266,9 @@ def train_task(task: str, params: Params | None = None) -> dict:
     model = build_model(params, mode)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate,
                                   weight_decay=spec.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # No DDP wrapper: loss_sum calls the decoder and head directly, which would bypass DDP's gradient
+    # hooks. Each process computes its batches' LoRA gradients; they are averaged before the step.
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     batches_per_epoch = len(make_batches(train_examples, spec, tokenizer.pad_token_id, seed=spec.seed))
     steps_per_epoch = max(1, batches_per_epoch // (spec.grad_accum * accelerator.num_processes))
@@ -276,7 +276,7 @@ def train_task(task: str, params: Params | None = None) -> dict:
 
     out = models_dir(task)
     adapter_dir, checkpoint_dir = out / "adapter", out / "checkpoints" / "last"
-    fp = fingerprint(params, task, len(train_examples))
+    fp = fingerprint(params, task, data / "train.jsonl")
     state = load_checkpoint(checkpoint_dir, model, optimizer, fp, adapter_dir) or {
         "fingerprint": fp, "step": 0, "tokens_seen": 0, "best_eval_loss": None, "best_step": 0,
         "bad_evals": 0, "history": [], "train_seconds": 0.0,
@@ -287,7 +287,7 @@ def train_task(task: str, params: Params | None = None) -> dict:
         state["history"].append({"step": 0, "tokens_seen": 0, "train_loss": None, "eval_loss": base_loss, "lr": 0.0})
         state["base_eval_loss"] = base_loss
         if is_main:
-            accelerator.unwrap_model(model).save_pretrained(adapter_dir)  # the untrained adapter is "best" so far
+            model.save_pretrained(adapter_dir)  # the untrained adapter is "best" so far
         state["best_eval_loss"] = base_loss
 
     if mode.device == "cuda":
@@ -307,14 +307,16 @@ def train_task(task: str, params: Params | None = None) -> dict:
             group["lr"] = lr_at(step, total_steps, spec)
         step_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in mine)
         loss_value = 0.0
-        for i, batch in enumerate(mine):
+        for batch in mine:
             batch = {k: v.to(mode.device) for k, v in batch.items()}
-            with accelerator.no_sync(model) if i < len(mine) - 1 else nullcontext():
-                s, _ = loss_sum(model, batch)
-                loss = s / max(1, step_tokens)  # token-mean over the whole step, whatever the micro-batches
-                accelerator.backward(loss)
+            s, _ = loss_sum(model, batch)
+            loss = s / max(1, step_tokens)  # token-mean over the whole step, whatever the micro-batches
+            loss.backward()
             loss_value += loss.item()
             state["tokens_seen"] += int(batch["tokens"]) * accelerator.num_processes
+        if accelerator.num_processes > 1:
+            for p in trainable:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] = step + 1
@@ -327,7 +329,7 @@ def train_task(task: str, params: Params | None = None) -> dict:
             if record["eval_loss"] < state["best_eval_loss"]:
                 state.update(best_eval_loss=record["eval_loss"], best_step=state["step"], bad_evals=0)
                 if is_main:
-                    accelerator.unwrap_model(model).save_pretrained(adapter_dir)
+                    model.save_pretrained(adapter_dir)
             else:
                 state["bad_evals"] += 1
         state["history"].append(record)
