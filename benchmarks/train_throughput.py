@@ -60,8 +60,9 @@ def random_batches(n: int, batch: int, seq: int, vocab: int) -> list[dict[str, t
 
 
 def run_tuneforge(model_dir: Path, mode: str, args, device: str) -> dict:
-    from tuneforge.params import Params, TrainSpec
-    from tuneforge.train import Mode, build_model, loss_sum
+    from tuneforge.core.params import Params, TrainSpec
+    from tuneforge.core.batching import loss_sum
+    from tuneforge.stages.train import Mode, build_model
 
     spec = TrainSpec(mode=mode, gradient_checkpointing=True, lora={"r": args.rank, "alpha": 2 * args.rank, "dropout": 0.0})
     params = Params(tasks={}, train=spec)

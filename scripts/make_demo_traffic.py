@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from tuneforge.export import file_sha256, generate_gguf, load_llama
-from tuneforge.modeling import load_tokenizer
-from tuneforge.params import load_params
-from tuneforge.paths import models_dir, processed_dir, production_file, repo_root
-from tuneforge.prepare import read_jsonl
-from tuneforge.traffic import append_request
+from tuneforge.core.gguf import file_sha256, generate_gguf, load_llama
+from tuneforge.core.modeling import load_tokenizer
+from tuneforge.core.params import load_params
+from tuneforge.core.paths import models_dir, processed_dir, production_file, repo_root
+from tuneforge.core.records import read_jsonl
+from tuneforge.core.traffic import append_request
 
 
 def demo_inputs(task: str, rows: int) -> list[str]:

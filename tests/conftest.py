@@ -22,8 +22,8 @@ def base_model_dir(tmp_path_factory) -> Path:
     made = ROOT / "models" / "base"
     if (made / "model.safetensors").exists():
         return made
-    from tuneforge.modeling import save_base_model
-    from tuneforge.params import ModelSpec
+    from tuneforge.core.params import ModelSpec
+    from tuneforge.stages.base_model import save_base_model
 
     out = tmp_path_factory.mktemp("base")
     save_base_model(ModelSpec(), out)
@@ -32,7 +32,7 @@ def base_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(base_model_dir):
-    from tuneforge.modeling import load_tokenizer
+    from tuneforge.core.modeling import load_tokenizer
 
     return load_tokenizer(base_model_dir)
 

@@ -1,8 +1,8 @@
 """Audit checks on hand-made data, and the loss mask with the real tokenizer."""
 
-from tuneforge.audit import exact_leakage, gate, near_duplicates, pii_findings
-from tuneforge.chat import IGNORE, prompt_text, render
-from tuneforge.params import AuditSpec
+from tuneforge.core.chat import IGNORE, prompt_text, render
+from tuneforge.core.params import AuditSpec
+from tuneforge.stages.audit import exact_leakage, gate, near_duplicates, pii_findings
 
 
 def test_pii_finds_emails_phones_and_luhn_valid_cards():

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from tuneforge.drift import run_drift, traffic_frame
-from tuneforge.params import DriftSpec, load_params
-from tuneforge.prepare import prepare
-from tuneforge.traffic import append_request, read_traffic
+from tuneforge.core.params import DriftSpec, load_params
+from tuneforge.core.traffic import append_request, read_traffic
+from tuneforge.stages.drift import run_drift, traffic_frame
+from tuneforge.stages.prepare import prepare
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama_cpp is not importable: scripts/setup.sh installs llama-cpp-python")
 
-from tuneforge import export  # noqa: E402
+from tuneforge.stages import export  # noqa: E402
 
 RECORDS = [
     {"messages": [{"role": "system", "content": "Parse the US address into JSON."},
@@ -56,7 +56,7 @@ def exported(tmp_path_factory, test_base):
 
 @pytest.fixture(scope="module")
 def tokenizer(exported):
-    from tuneforge.modeling import load_tokenizer
+    from tuneforge.core.modeling import load_tokenizer
 
     return load_tokenizer(exported[0] / "merged")
 

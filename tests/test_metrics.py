@@ -9,7 +9,14 @@ matplotlib.use("Agg")  # before pyplot is imported anywhere: tests never open a 
 import matplotlib.pyplot as plt
 import pytest
 
-from tuneforge.metrics import INVALID, confusion_figure, error_kind, example_score, parse_object, score
+from tuneforge.core.metrics import (
+    INVALID,
+    confusion_figure,
+    error_kind,
+    example_score,
+    parse_object,
+    score,
+)
 
 KEYS = ["AddressNumber", "StreetName", "StreetNamePostType", "PlaceName"]
 INPUT = "123 Main St Springfield"

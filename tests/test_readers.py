@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from tuneforge.params import OutputSpec, SplitSpec, TaskSpec, load_params
-from tuneforge.prepare import prepare, split_of
-from tuneforge.readers import Record, Rejected, content_id, read_source
+from tuneforge.core.params import OutputSpec, SplitSpec, TaskSpec, load_params
+from tuneforge.core.readers import Record, Rejected, content_id, read_source
+from tuneforge.stages.prepare import prepare, split_of
 
 LABELS = OutputSpec(kind="label", labels=["spam", "ham"])
 
@@ -135,7 +135,7 @@ def test_embedded_sources_parse_completely(repo_root):
 
 
 def test_params_errors_name_the_setting(tmp_path):
-    from tuneforge.params import ParamsError
+    from tuneforge.core.params import ParamsError
 
     bad = tmp_path / "params.yaml"
     bad.write_text("tasks:\n  t:\n    source: x\n    reader: nope\n    output: {kind: label, labels: [a]}\n"

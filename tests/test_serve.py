@@ -14,7 +14,7 @@ pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is inst
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 
-from tuneforge import export  # noqa: E402
+from tuneforge.stages import export  # noqa: E402
 
 
 def free_port() -> int:

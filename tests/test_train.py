@@ -7,16 +7,22 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from tuneforge.params import load_params
-from tuneforge.prepare import prepare, write_prepared
-from tuneforge.train import (Mode, build_model, collate_packed, collate_padded, loss_sum, pack, render_records)
+from tuneforge.core.batching import (
+    collate_packed,
+    collate_padded,
+    loss_sum,
+    pack,
+    render_records,
+)
+from tuneforge.core.params import load_params
+from tuneforge.stages.prepare import prepare, write_prepared
+from tuneforge.stages.train import Mode, build_model
 
 TINY = {"max_seq_len": 128, "batch_size": 2, "max_steps": 4, "eval_every": 2, "eval_rows": 4,
         "checkpoint_every": 1, "early_stopping_patience": 10, "lora": {"r": 4, "alpha": 8, "dropout": 0.1,
@@ -37,12 +43,13 @@ def tiny_root(tmp_path, repo_root, base_model_dir, monkeypatch):
     p = load_params(tmp_path / "params.yaml")
     prepared = prepare(p.task("address_json"), p.split, tmp_path)
     prepared.splits["train"] = prepared.splits["train"][:40]
-    write_prepared(prepared, tmp_path / "data" / "processed" / "address_json", tmp_path / "data" / "quarantine" / "a.jsonl")
+    write_prepared(prepared, tmp_path / "data" / "processed" / "address_json", tmp_path / "data" / "quarantine" / "a.jsonl",
+                   tmp_path / "data" / "production" / "address_json")
     return tmp_path
 
 
 def test_packed_and_padded_batches_give_the_same_loss(tiny_root, tokenizer):
-    from tuneforge.prepare import read_jsonl
+    from tuneforge.core.records import read_jsonl
 
     params = load_params(tiny_root / "params.yaml")
     params.train.lora.dropout = 0.0
@@ -60,13 +67,13 @@ def test_packed_and_padded_batches_give_the_same_loss(tiny_root, tokenizer):
 
 def test_a_killed_run_resumes_to_the_same_adapter(tiny_root):
     env = {**os.environ, "TUNEFORGE_ROOT": str(tiny_root), "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "tuneforge.train", "--task", "address_json"]
+    cmd = [sys.executable, "-m", "tuneforge.stages.train", "--task", "address_json"]
     adapter = tiny_root / "models/address_json/adapter"
     progress = tiny_root / "models/address_json/checkpoints/last/progress.json"
 
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     uninterrupted = load_file(adapter / "adapter_model.safetensors")
-    first = json.loads((tiny_root / "reports/address_json/train.json").read_text())
+    first = json.loads((tiny_root / "metrics/address_json/train.json").read_text())
     assert first["resumed_from_step"] == 0 and first["steps"] == 4 and first["mode"] == "lora"
     shutil.rmtree(tiny_root / "models/address_json")
 
@@ -84,7 +91,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(tiny_root):
 
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     resumed = load_file(adapter / "adapter_model.safetensors")
-    second = json.loads((tiny_root / "reports/address_json/train.json").read_text())
+    second = json.loads((tiny_root / "metrics/address_json/train.json").read_text())
     assert second["resumed_from_step"] == step_at_kill
     assert second["best_eval_loss"] == pytest.approx(first["best_eval_loss"], abs=1e-5)
     assert resumed.keys() == uninterrupted.keys()
@@ -96,7 +103,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(tiny_root):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (QLoRA path)")
 def test_qlora_on_cuda(tiny_root):
-    from tuneforge.train import train_task
+    from tuneforge.stages.train import train_task
 
     metrics = train_task("address_json", load_params(tiny_root / "params.yaml"))
     assert metrics["mode"] == "qlora" and metrics["device"] == "cuda"

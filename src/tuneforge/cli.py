@@ -4,58 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from tuneforge.paths import base_model_dir, repo_root, reports_dir
-
-
-def to_offline_html(executed: Path, html_file: Path) -> None:
-    """HTML without code cells or stderr, renderable with no network (no CDN scripts)."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    nb = nbformat.read(executed, as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            cell.outputs = [o for o in cell.get("outputs", []) if o.get("name") != "stderr"]
-    exporter = HTMLExporter(
-        exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True,
-        # No CDN references: reports must render on an offline machine.
-        mathjax_url="", require_js_url="", jquery_url="", mermaid_js_url="", mermaid_layout_elk_js_url="",
-        widget_renderer_url="",
-    )
-    body, _ = exporter.from_notebook_node(nb)
-    html_file.write_text(body, encoding="utf-8")
-
-
-def run_notebook(name: str, task: str | None) -> int:
-    """Execute notebooks/<name>.ipynb with papermill; write the executed copy and its HTML to reports/."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
-    root = repo_root()
-    source = root / "notebooks" / f"{name}.ipynb"
-    if not source.exists():
-        print(f"error: {source} does not exist", file=sys.stderr)
-        return 2
-    out_dir = reports_dir(task) if task else root / "reports"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    executed = out_dir / f"{name}.ipynb"
-    parameters = {"task": task} if task else {}
-    failure = None
-    try:
-        papermill.execute_notebook(
-            str(source), str(executed), parameters=parameters, kernel_name="python3",
-            cwd=str(root), progress_bar=False, log_output=True,
-        )
-    except PapermillExecutionError as err:
-        failure = f"{err.ename}: {err.evalue}"
-    to_offline_html(executed, out_dir / f"{name}.html")
-    if failure:
-        print(f"\nstage failed in {source.relative_to(root)} (executed copy: {executed.relative_to(root)}):\n{failure}",
-              file=sys.stderr)
-        return 1
-    return 0
+from tuneforge.core.paths import base_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,16 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "notebook":
+        from tuneforge.report.notebook import run_notebook
+
         return run_notebook(args.name, args.task)
     if args.command == "base-model":
-        from tuneforge.modeling import save_base_model
-        from tuneforge.params import load_params
+        from tuneforge.core.params import load_params
+        from tuneforge.stages.base_model import save_base_model
 
         save_base_model(load_params().model, base_model_dir())
         print(f"saved {base_model_dir()}")
         return 0
     if args.command == "index":
-        from tuneforge.index import build_index
+        from tuneforge.report.index import build_index
 
         print(f"wrote {build_index()}")
         return 0

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from tuneforge.traffic import append_request
+from tuneforge.core.traffic import append_request
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see export.py: spin-waits stall a busy small machine
 
@@ -110,9 +110,9 @@ def build_app(task: str, quantization: str | None = None, n_ctx: int = 1024):
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
-    from tuneforge.export import file_sha256
-    from tuneforge.params import load_params
-    from tuneforge.paths import models_dir, production_file
+    from tuneforge.core.gguf import file_sha256
+    from tuneforge.core.params import load_params
+    from tuneforge.core.paths import models_dir, production_file
 
     params = load_params()
     spec = params.task(task)

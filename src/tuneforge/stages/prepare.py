@@ -8,33 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneforge.params import OutputSpec, SplitSpec, TaskSpec
-from tuneforge.readers import Record, Rejected, read_source
+from tuneforge.core.outputs import answer_problem
+from tuneforge.core.params import SplitSpec, TaskSpec
+from tuneforge.core.readers import Record, Rejected, read_source
+from tuneforge.core.records import normalise, write_jsonl
 
 SPLITS = ("train", "validation", "test")
-
-
-def answer_problem(answer: str, output: OutputSpec) -> str:
-    """Why an answer does not fit the task's output kind, or '' when it does."""
-    if output.kind == "label":
-        return "" if answer in output.labels else f"unknown label {answer!r} (allowed: {output.labels})"
-    try:
-        obj = json.loads(answer)
-    except json.JSONDecodeError:
-        return "answer is not valid JSON"
-    if not isinstance(obj, dict) or not obj:
-        return "answer is not a non-empty JSON object"
-    extra = sorted(set(obj) - set(output.allowed_keys))
-    if extra:
-        return f"answer uses keys outside output.allowed_keys: {extra}"
-    if not all(isinstance(v, str) for v in obj.values()):
-        return "answer values must be strings"
-    return ""
 
 
 @dataclass
@@ -48,11 +31,6 @@ class Prepared:
     @property
     def kept(self) -> int:
         return sum(len(v) for v in self.splits.values())
-
-
-def normalise(text: str) -> str:
-    """Lower case, punctuation to spaces, whitespace collapsed: "I'm home." == "i m home"."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def split_of(group_key: str, split: SplitSpec, production_fraction: float) -> str:
@@ -120,22 +98,7 @@ def prepare(task: TaskSpec, split: SplitSpec, root: Path) -> Prepared:
     return Prepared(splits, rejected, raw_count, len(duplicates), duplicates[:20])
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write through a temporary file so an interrupted run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_prepared(prepared: Prepared, out_dir: Path, quarantine: Path) -> dict:
+def write_prepared(prepared: Prepared, out_dir: Path, quarantine: Path, production: Path) -> dict:
     for name, records in prepared.splits.items():
         write_jsonl(out_dir / f"{name}.jsonl", [r.to_json() for r in records])
     write_jsonl(quarantine, [r.to_json() for r in prepared.rejected])
@@ -147,4 +110,6 @@ def write_prepared(prepared: Prepared, out_dir: Path, quarantine: Path) -> dict:
         "quarantine_reasons": dict(Counter(r.reason.split(" (")[0].split(":")[0] for r in prepared.rejected)),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # The drift stage depends on the task's traffic folder; a new task has none until `tuneforge serve` logs to it.
+    production.mkdir(parents=True, exist_ok=True)
     return summary

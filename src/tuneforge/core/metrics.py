@@ -7,39 +7,16 @@ All rates are fractions in [0, 1]; every result is plain JSON-serialisable Pytho
 
 from __future__ import annotations
 
-import json
-import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from tuneforge.core.outputs import INVALID, KINDS, decode_json, parse_object
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-KINDS = ("json_object", "label")
-INVALID = "(invalid)"
-# Chat models often wrap JSON in a markdown fence; the language tag is optional and its case varies.
-_FENCE = re.compile(r"^```(?i:json)?\s*(.*?)\s*```$", re.S)
-
-
-def _decode(text: str) -> object:
-    """The JSON value of an answer, unwrapping a ```json fence; ValueError when it does not parse."""
-    text = text.strip()
-    if m := _FENCE.match(text):
-        text = m.group(1)
-    try:
-        return json.loads(text)  # JSONDecodeError is a ValueError
-    except RecursionError as e:  # a degenerate "[[[[..." generation nests past the decoder's limit
-        raise ValueError("JSON nested too deeply") from e
-
-
-def parse_object(text: str) -> dict | None:
-    """The answer as a dict, tolerating a ```json fence; None when it is not a JSON object."""
-    try:
-        obj = _decode(text)
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) else None
+    from tuneforge.core.params import TaskSpec
 
 
 def _reference(text: str) -> dict:
@@ -204,7 +181,7 @@ def error_kind(kind: str, prediction: str, reference: str, input_text: str, *,
             return "not an allowed label"
         return "ok" if answer == reference else "wrong label"
     try:
-        obj = _decode(prediction)
+        obj = decode_json(prediction)
     except ValueError:
         return "invalid JSON"
     if not isinstance(obj, dict):
@@ -244,3 +221,11 @@ def confusion_figure(confusion: dict, title: str = "") -> Figure:
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def score_outputs(task: TaskSpec, records: list[dict], outputs: list[str]) -> dict:
+    """score() for a task's records (user turn = input, last turn = reference)."""
+    inputs = [r["messages"][-2]["content"] for r in records]
+    references = [r["messages"][-1]["content"] for r in records]
+    return score(task.output.kind, outputs, references, inputs,
+                         allowed_keys=task.output.allowed_keys, labels=task.output.labels)

@@ -16,25 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from tuneforge.metrics import parse_object
-from tuneforge.params import OutputSpec
+from tuneforge.core.outputs import answer_is_valid, prediction_category
+from tuneforge.core.params import OutputSpec
 
 OTHER = "(other)"
-
-
-def answer_is_valid(output: str, spec: OutputSpec) -> bool:
-    if spec.kind == "label":
-        return output.strip() in spec.labels
-    obj = parse_object(output)
-    return obj is not None and set(obj) <= set(spec.allowed_keys)
-
-
-def prediction_category(output: str, spec: OutputSpec) -> str:
-    """The label, or for JSON answers the set of keys used ("(invalid)" when it does not parse)."""
-    if spec.kind == "label":
-        return output.strip() if output.strip() in spec.labels else "(invalid)"
-    obj = parse_object(output)
-    return "+".join(sorted(obj)) if obj is not None else "(invalid)"
 
 
 def traffic_frame(inputs: list[str], outputs: list[str | None], latencies_ms: list[float | None],

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from tuneforge import metrics
-from tuneforge.chat import prompt_text
-from tuneforge.params import EvaluateSpec, TaskSpec
-from tuneforge.train import collate_padded, evaluate_loss, render_records
+from tuneforge.core import metrics
+from tuneforge.core.batching import collate_padded, evaluate_loss, render_records
+from tuneforge.core.chat import prompt_text
+from tuneforge.core.metrics import score_outputs
+from tuneforge.core.params import EvaluateSpec, TaskSpec
 
 
 @dataclass
@@ -56,13 +57,6 @@ def perplexity(model, tokenizer, records: list[dict], max_seq_len: int, batch_si
     batches = [collate_padded(examples[i : i + batch_size], tokenizer.pad_token_id)
                for i in range(0, len(examples), batch_size)]
     return math.exp(evaluate_loss(model, batches, device))
-
-
-def score_outputs(task: TaskSpec, records: list[dict], outputs: list[str]) -> dict:
-    inputs = [r["messages"][-2]["content"] for r in records]
-    references = [r["messages"][-1]["content"] for r in records]
-    return metrics.score(task.output.kind, outputs, references, inputs,
-                         allowed_keys=task.output.allowed_keys, labels=task.output.labels)
 
 
 def per_example(task: TaskSpec, record: dict, output: str) -> tuple[float, str]:
@@ -133,7 +127,12 @@ def run_evaluation(task: TaskSpec, spec: EvaluateSpec, max_seq_len: int, test: l
     """Score the base model, then the same weights with the adapter merged in (full precision)."""
     from peft import PeftModel
 
-    from tuneforge.modeling import compute_dtype, load_causal_lm, load_tokenizer, pick_device
+    from tuneforge.core.modeling import (
+        compute_dtype,
+        load_causal_lm,
+        load_tokenizer,
+        pick_device,
+    )
 
     device = pick_device()
     tokenizer = load_tokenizer(base_dir)

@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tuneforge.paths import repo_root
+from tuneforge.core.paths import repo_root
 
 EMBEDDED_BASE = "smollm2-135m-instruct"
 
@@ -35,7 +35,7 @@ class OutputSpec(Strict):
         return self
 
 
-METRICS = {  # the scalar metrics tuneforge.metrics computes for each output kind
+METRICS = {  # the scalar metrics tuneforge.core.metrics computes for each output kind
     "json_object": ["micro_f1", "exact_match", "valid_json", "allowed_keys_only", "micro_precision", "micro_recall"],
     "label": ["macro_f1", "accuracy", "valid_label"],
 }

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from tuneforge.chat import IGNORE, render
-from tuneforge.params import AuditSpec, OutputSpec
-from tuneforge.prepare import normalise
+from tuneforge.core.chat import IGNORE, render
+from tuneforge.core.params import AuditSpec, OutputSpec
+from tuneforge.core.records import normalise
 
 NUM_PERM = 64
 

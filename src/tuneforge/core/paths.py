@@ -29,8 +29,14 @@ def quarantine_file(task: str) -> Path:
     return repo_root() / "data" / "quarantine" / f"{task}.jsonl"
 
 
+def production_dir(task: str) -> Path:
+    """A task's live traffic; the drift stage depends on this folder, so traffic for one task reruns only its drift."""
+    return repo_root() / "data" / "production" / task
+
+
 def production_file(task: str) -> Path:
-    return repo_root() / "data" / "production" / f"{task}.jsonl"
+    """The request log `tuneforge serve` appends to."""
+    return production_dir(task) / "requests.jsonl"
 
 
 def reports_dir(task: str) -> Path:
@@ -47,3 +53,23 @@ def base_model_dir() -> Path:
 
 def predictions_file(task: str) -> Path:
     return repo_root() / "data" / "predictions" / f"{task}.jsonl"
+
+
+STAGE_METRICS = ("audit", "train", "eval", "export", "drift")  # metrics/<task>/<name>.json, in pipeline order
+
+
+def metrics_dir(task: str) -> Path:
+    """Every stage's numbers for a task, in git (`dvc metrics show`); the index stage depends on metrics/."""
+    return repo_root() / "metrics" / task
+
+
+def metrics_file(task: str, name: str) -> Path:
+    """A stage's metrics record; name is one of STAGE_METRICS."""
+    if name not in STAGE_METRICS:
+        raise ValueError(f"unknown metrics record {name!r}; known: {STAGE_METRICS}")
+    return metrics_dir(task) / f"{name}.json"
+
+
+def train_history_file(task: str) -> Path:
+    """Loss against step, the CSV `dvc plots show` draws."""
+    return metrics_dir(task) / "train_history.csv"

@@ -5,7 +5,7 @@
     -> checkpoint every `checkpoint_every` steps (rerun resumes from it)
 
 The same code runs on one CPU, one GPU or several GPUs: launched with
-`accelerate launch --num_processes N -m tuneforge.train --task T`, each process takes
+`accelerate launch --num_processes N -m tuneforge.stages.train --task T`, each process takes
 every N-th batch and accelerate averages the gradients (DDP).
 """
 
@@ -21,16 +21,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from tuneforge.chat import IGNORE, Rendered, render
-from tuneforge.modeling import compute_dtype, load_causal_lm, load_tokenizer, pick_device
-from tuneforge.params import Params, TrainSpec, load_params
-from tuneforge.paths import base_model_dir, models_dir, processed_dir, reports_dir
-from tuneforge.prepare import read_jsonl
+from tuneforge.core.batching import (
+    causal_lm,
+    evaluate_loss,
+    loss_sum,
+    make_batches,
+    render_records,
+)
+from tuneforge.core.chat import IGNORE
+from tuneforge.core.modeling import (
+    compute_dtype,
+    load_causal_lm,
+    load_tokenizer,
+    pick_device,
+)
+from tuneforge.core.params import Params, TrainSpec, load_params
+from tuneforge.core.paths import base_model_dir, metrics_file, models_dir, processed_dir, train_history_file
+from tuneforge.core.records import read_jsonl, write_metrics
 
 # ---------------------------------------------------------------- mode
 
@@ -56,108 +66,7 @@ def choose_mode(spec: TrainSpec) -> Mode:
 # ---------------------------------------------------------------- data
 
 
-def render_records(tokenizer, records: list[dict], max_seq_len: int) -> list[Rendered]:
-    """Chat-render each record, truncated to max_seq_len; records left with no trained token are dropped."""
-    out = []
-    for record in records:
-        r = render(tokenizer, record["messages"])
-        r = Rendered(r.input_ids[:max_seq_len], r.labels[:max_seq_len])
-        if r.trained_tokens:
-            out.append(r)
-    return out
-
-
-def pack(examples: list[Rendered], max_seq_len: int) -> list[list[Rendered]]:
-    """Greedy packing in the given order: each row holds whole examples up to max_seq_len tokens."""
-    rows: list[list[Rendered]] = []
-    current: list[Rendered] = []
-    used = 0
-    for ex in examples:
-        if current and used + len(ex.input_ids) > max_seq_len:
-            rows.append(current)
-            current, used = [], 0
-        current.append(ex)
-        used += len(ex.input_ids)
-    if current:
-        rows.append(current)
-    return rows
-
-
-def collate_packed(rows: list[list[Rendered]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Examples side by side in one row; position_ids restart at 0 for each.
-
-    With no attention_mask, transformers reads the restarts as example boundaries and
-    builds a block-diagonal causal mask, so no token attends across examples.
-    """
-    width = max(sum(len(ex.input_ids) for ex in row) for row in rows)
-    ids, labels, positions = [], [], []
-    for row in rows:
-        r_ids = [t for ex in row for t in ex.input_ids]
-        r_labels = [t for ex in row for t in ex.labels]
-        r_pos = [p for ex in row for p in range(len(ex.input_ids))]
-        pad = width - len(r_ids)
-        ids.append(r_ids + [pad_id] * pad)
-        labels.append(r_labels + [IGNORE] * pad)
-        positions.append(r_pos + list(range(pad)))  # padding forms its own (untrained) block
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions),
-            "tokens": torch.tensor(sum(len(ex.input_ids) for row in rows for ex in row))}
-
-
-def collate_padded(examples: list[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
-    """One example a row, right-padded, with an attention mask."""
-    width = max(len(ex.input_ids) for ex in examples)
-    ids = [ex.input_ids + [pad_id] * (width - len(ex.input_ids)) for ex in examples]
-    labels = [ex.labels + [IGNORE] * (width - len(ex.labels)) for ex in examples]
-    mask = [[1] * len(ex.input_ids) + [0] * (width - len(ex.input_ids)) for ex in examples]
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask),
-            "tokens": torch.tensor(sum(len(ex.input_ids) for ex in examples))}
-
-
-def make_batches(examples: list[Rendered], spec: TrainSpec, pad_id: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """One epoch of batches in a seeded order (so a resumed run sees the same batches)."""
-    order = np.random.default_rng(seed).permutation(len(examples))
-    shuffled = [examples[i] for i in order]
-    if spec.packing:
-        rows = pack(shuffled, spec.max_seq_len)
-        return [collate_packed(rows[i : i + spec.batch_size], pad_id) for i in range(0, len(rows), spec.batch_size)]
-    return [collate_padded(shuffled[i : i + spec.batch_size], pad_id) for i in range(0, len(shuffled), spec.batch_size)]
-
-
 # ---------------------------------------------------------------- loss
-
-
-def causal_lm(model):
-    """The transformers CausalLM inside a PEFT wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(summed cross-entropy over trained tokens, number of trained tokens).
-
-    The LM head runs only on positions that carry loss: with a 49k vocabulary it is the
-    most expensive matmul, and most positions (prompts, padding) carry none.
-    """
-    lm = causal_lm(model)
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "tokens")}
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    # On CUDA, autocast keeps the fp32 pieces (LoRA weights, and the norms and head that QLoRA's
-    # preparation upcasts) in bf16 matmuls: without it a 1B QLoRA step ran at half the speed.
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=targets.device.type == "cuda"):
-        hidden = lm.base_model(**inputs).last_hidden_state[:, :-1]  # the decoder, whatever the architecture names it
-        logits = lm.get_output_embeddings()(hidden[keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
-
-
-@torch.no_grad()
-def evaluate_loss(model, batches: list[dict[str, torch.Tensor]], device: str) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        s, n = loss_sum(model, {k: v.to(device) for k, v in batch.items()})
-        total, count = total + float(s), count + n
-    model.train()
-    return total / max(1, count)
 
 
 def lr_at(step: int, total: int, spec: TrainSpec) -> float:
@@ -357,10 +266,8 @@ def train_task(task: str, params: Params | None = None) -> dict:
         "peak_memory_gb": peak_memory_gb(mode.device),
     }
     if is_main:
-        report = reports_dir(task)
-        report.mkdir(parents=True, exist_ok=True)
-        (report / "train.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        write_history(report / "train_history.csv", state["history"])
+        write_metrics(metrics_file(task, "train"), metrics)
+        write_history(train_history_file(task), state["history"])
         (adapter_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)  # finished: nothing left to resume
     accelerator.wait_for_everyone()

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneforge.params import TaskSpec
+from tuneforge.core.params import TaskSpec
 
 ROLES = ("system", "user", "assistant")
 

@@ -7,7 +7,6 @@ The converter comes from the sdist of the same llama-cpp-python version that run
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import subprocess
@@ -19,8 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tuneforge.chat import prompt_text
-from tuneforge.paths import repo_root
+from tuneforge.core.chat import prompt_text
+from tuneforge.core.gguf import generate_gguf, gguf_files, load_llama
+from tuneforge.core.metrics import score_outputs
+from tuneforge.core.modeling import load_tokenizer
+from tuneforge.core.params import ExportSpec, Params
+from tuneforge.core.paths import (
+    base_model_dir,
+    models_dir,
+    predictions_file,
+    processed_dir,
+    repo_root,
+)
+from tuneforge.core.records import read_jsonl
 
 # Spin-waiting OpenMP threads stall llama.cpp on a busy 2-core machine (a run went from 3 s to >120 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -61,7 +71,9 @@ def convert_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Path:
 
 def quantize_gguf(in_file: Path, out_file: Path, qtype: str) -> Path:
     import llama_cpp
-    from llama_cpp._logger import llama_log_callback  # the callback llama-cpp-python installs at import
+    from llama_cpp._logger import (
+        llama_log_callback,  # the callback llama-cpp-python installs at import
+    )
 
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None)
     if ftype is None:
@@ -92,75 +104,6 @@ def quantize_gguf(in_file: Path, out_file: Path, qtype: str) -> Path:
         if "required fallback quantization" in line:
             logging.getLogger(__name__).warning("%s: %s", out_file.name, line.strip())
     return out_file
-
-
-def load_llama(gguf_file: Path, *, logits_all: bool = False, n_ctx: int = 1024, n_threads: int | None = None):
-    """logits_all=True keeps every position's logits (next_token_parity needs them; generation does not)."""
-    from llama_cpp import Llama
-
-    return Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), logits_all=logits_all,
-                 verbose=False, seed=0)
-
-
-@dataclass
-class GgufRun:
-    """One dict per record: output, prompt_tokens, generated_tokens, prompt_seconds, generation_seconds."""
-
-    results: list[dict]
-
-    @property
-    def outputs(self) -> list[str]:
-        return [r["output"] for r in self.results]
-
-    def total(self, key: str) -> float:
-        return sum(r[key] for r in self.results)
-
-    @property
-    def generated_tokens(self) -> int:
-        return int(self.total("generated_tokens"))
-
-    @property
-    def prompt_tokens_per_second(self) -> float:
-        return self.total("prompt_tokens") / max(self.total("prompt_seconds"), 1e-9)
-
-    @property
-    def generation_tokens_per_second(self) -> float:
-        return self.generated_tokens / max(self.total("generation_seconds"), 1e-9)
-
-
-def last_logits(llm) -> np.ndarray:
-    """Logits after the last evaluated token, read from the context (Llama.scores holds them only with logits_all)."""
-    import llama_cpp
-
-    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-
-
-def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int) -> GgufRun:
-    """Greedy answers to each record's conversation minus its last (reference) message.
-
-    The prompt is the HF tokenizer's chat-template rendering, fed as token ids, so the GGUF model reads exactly
-    the tokens the HF model read in evaluation; create_chat_completion re-renders and re-tokenizes inside llama.cpp.
-    """
-    eos = tokenizer.eos_token_id
-    results = []
-    for record in records:
-        ids = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False)["input_ids"]
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(ids)
-        prompt_seconds = time.perf_counter() - start
-        answer: list[int] = []
-        start = time.perf_counter()
-        for _ in range(max_new_tokens):
-            token = int(np.argmax(last_logits(llm)))
-            if token == eos:
-                break
-            answer.append(token)
-            llm.eval([token])
-        results.append({"output": tokenizer.decode(answer, skip_special_tokens=True).strip(), "prompt_tokens": len(ids),
-                        "generated_tokens": len(answer), "prompt_seconds": prompt_seconds,
-                        "generation_seconds": time.perf_counter() - start})
-    return GgufRun(results)
 
 
 @torch.no_grad()
@@ -209,10 +152,6 @@ def hf_speed(hf_model, tokenizer, records: list[dict], max_new_tokens: int) -> d
     return {"prompt_tokens_per_second": n_prompt / max(t_prompt, 1e-9), "generation_tokens_per_second": n_gen / t_gen}
 
 
-def gguf_files(folder: Path, quantizations: list[str]) -> dict[str, Path]:
-    return {"f16": folder / "model-f16.gguf", **{q: folder / f"model-{q}.gguf" for q in quantizations}}
-
-
 def export_all(merged_dir: Path, gguf_dir: Path, quantizations: list[str]) -> dict[str, Path]:
     """f16 with the converter, then each quantization from the f16 file."""
     files = gguf_files(gguf_dir, quantizations)
@@ -222,9 +161,79 @@ def export_all(merged_dir: Path, gguf_dir: Path, quantizations: list[str]) -> di
     return files
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+
+
+@dataclass
+class ExportResult:
+    """Every model's row (the HF merged model first, then each GGUF file) and each GGUF file's answers."""
+
+    primary: str
+    records: list[dict]
+    hf_outputs: list[str]
+    rows: list[dict]
+    outputs: dict[str, list[str]]
+    failures: list[str]
+
+    def row(self, model: str) -> dict:
+        return next(r for r in self.rows if r["model"] == model)
+
+    def metrics(self, gguf_names: list[str]) -> dict:
+        """Flat numbers for export.json."""
+        hf = self.rows[0]
+        out = {"hf_" + self.primary: hf[self.primary], "hf_generation_tokens_per_second": hf["gen_tok_s"],
+               "rows": len(self.records)}
+        for name in gguf_names:
+            r = self.row(f"GGUF {name}")
+            out.update({f"{name}_size_mb": r["size_mb"], f"{name}_{self.primary}": r[self.primary],
+                        f"{name}_delta": r["delta"], f"{name}_top1_agreement": r["top1_agreement"],
+                        f"{name}_mean_kl": r["mean_kl"], f"{name}_prompt_tokens_per_second": r["prompt_tok_s"],
+                        f"{name}_generation_tokens_per_second": r["gen_tok_s"]})
+        return {**out, "gate_passed": not self.failures}
+
+
+def gate(result_rows: list[dict], primary: str, spec: ExportSpec) -> list[str]:
+    """The gated file may lose at most export.max_metric_drop of the HF model's primary metric."""
+    hf = result_rows[0][primary]
+    gated = next(r for r in result_rows if r["model"] == f"GGUF {spec.gate_quantization}")
+    if gated["delta"] < -spec.max_metric_drop:
+        return [f"{spec.gate_quantization} {primary} {gated[primary]:.3f} is {-gated['delta']:.3f} below the HF "
+                f"model's {hf:.3f} (export.max_metric_drop = {spec.max_metric_drop})"]
+    return []
+
+
+def run_export(task: str, params: Params) -> ExportResult:
+    """Merge, convert, quantize; then every file answers the same test prompts and is scored and compared."""
+    from transformers import AutoModelForCausalLM
+
+    spec, cfg = params.task(task), params.export
+    merged_dir, gguf_dir = models_dir(task) / "merged", models_dir(task) / "gguf"
+    merge_adapter(base_model_dir(), models_dir(task) / "adapter", merged_dir, params.model.trust_remote_code)
+    files = export_all(merged_dir, gguf_dir, cfg.quantizations)
+
+    tokenizer = load_tokenizer(merged_dir)
+    test = {r["id"]: r for r in read_jsonl(processed_dir(task) / "test.jsonl")}
+    predictions = read_jsonl(predictions_file(task))  # the HF tuned model's answers from the evaluation stage
+    rows = predictions[: cfg.max_rows] if cfg.max_rows else predictions
+    records = [test[p["id"]] for p in rows]
+    hf_outputs = [p["tuned_output"] for p in rows]
+    hf_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32,
+                                                    trust_remote_code=params.model.trust_remote_code)
+    primary = spec.primary_metric
+    hf_score = score_outputs(spec, records, hf_outputs)[primary]
+    speed = hf_speed(hf_model, tokenizer, records[:10], spec.max_new_tokens)
+    table = [{"model": "HF merged (fp32 safetensors)", "file": str(merged_dir / "model.safetensors"),
+              "size_mb": (merged_dir / "model.safetensors").stat().st_size / 1e6, primary: hf_score,
+              "delta": 0.0, "top1_agreement": 1.0, "mean_kl": 0.0,
+              "prompt_tok_s": speed["prompt_tokens_per_second"], "gen_tok_s": speed["generation_tokens_per_second"]}]
+    outputs = {}
+    for name, path in files.items():
+        run = generate_gguf(load_llama(path, n_threads=cfg.n_threads), tokenizer, records, spec.max_new_tokens)
+        parity = next_token_parity(hf_model, tokenizer, load_llama(path, logits_all=True, n_threads=cfg.n_threads),
+                                   records[: cfg.parity_rows])
+        score = score_outputs(spec, records, run.outputs)[primary]
+        outputs[name] = run.outputs
+        table.append({"model": f"GGUF {name}", "file": str(path.relative_to(repo_root())),
+                      "size_mb": path.stat().st_size / 1e6, primary: score, "delta": score - hf_score,
+                      "top1_agreement": parity["top1_agreement"], "mean_kl": parity["mean_kl"],
+                      "prompt_tok_s": run.prompt_tokens_per_second, "gen_tok_s": run.generation_tokens_per_second})
+    return ExportResult(primary, records, hf_outputs, table, outputs, gate(table, primary, cfg))

@@ -1,0 +1,99 @@
+"""Running GGUF files with llama-cpp-python: loading, greedy generation from the HF chat template's tokens,
+file names and checksums. Shared by the export stage, `tuneforge serve` and the demo-traffic script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tuneforge.core.chat import prompt_text
+
+# Spin-waiting OpenMP threads stall llama.cpp on a busy 2-core machine (a run went from 3 s to >120 s).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def load_llama(gguf_file: Path, *, logits_all: bool = False, n_ctx: int = 1024, n_threads: int | None = None):
+    """logits_all=True keeps every position's logits (next_token_parity needs them; generation does not)."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(gguf_file), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), logits_all=logits_all,
+                 verbose=False, seed=0)
+
+
+@dataclass
+class GgufRun:
+    """One dict per record: output, prompt_tokens, generated_tokens, prompt_seconds, generation_seconds."""
+
+    results: list[dict]
+
+    @property
+    def outputs(self) -> list[str]:
+        return [r["output"] for r in self.results]
+
+    def total(self, key: str) -> float:
+        return sum(r[key] for r in self.results)
+
+    @property
+    def generated_tokens(self) -> int:
+        return int(self.total("generated_tokens"))
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.total("prompt_tokens") / max(self.total("prompt_seconds"), 1e-9)
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        return self.generated_tokens / max(self.total("generation_seconds"), 1e-9)
+
+
+def last_logits(llm) -> np.ndarray:
+    """Logits after the last evaluated token, read from the context (Llama.scores holds them only with logits_all)."""
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
+def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int) -> GgufRun:
+    """Greedy answers to each record's conversation minus its last (reference) message.
+
+    The prompt is the HF tokenizer's chat-template rendering, fed as token ids, so the GGUF model reads exactly
+    the tokens the HF model read in evaluation; create_chat_completion re-renders and re-tokenizes inside llama.cpp.
+    """
+    eos = tokenizer.eos_token_id
+    results = []
+    for record in records:
+        ids = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False)["input_ids"]
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(ids)
+        prompt_seconds = time.perf_counter() - start
+        answer: list[int] = []
+        start = time.perf_counter()
+        for _ in range(max_new_tokens):
+            token = int(np.argmax(last_logits(llm)))
+            if token == eos:
+                break
+            answer.append(token)
+            llm.eval([token])
+        results.append({"output": tokenizer.decode(answer, skip_special_tokens=True).strip(), "prompt_tokens": len(ids),
+                        "generated_tokens": len(answer), "prompt_seconds": prompt_seconds,
+                        "generation_seconds": time.perf_counter() - start})
+    return GgufRun(results)
+
+
+def gguf_files(folder: Path, quantizations: list[str]) -> dict[str, Path]:
+    return {"f16": folder / "model-f16.gguf", **{q: folder / f"model-{q}.gguf" for q in quantizations}}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

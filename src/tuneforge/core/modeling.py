@@ -1,0 +1,49 @@
+"""Loading the base model and its tokenizer (saved in models/base/ by the base_model stage), and the device
+and dtype they run with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_has_fast_bf16() -> bool:
+    # torch exposes these only privately; without bf16 units (AVX512-BF16 or AMX), bf16 matmuls
+    # are emulated: on this project's CPU a LoRA step took 3x longer in bf16 than in fp32.
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device == "cuda" or cpu_has_fast_bf16() else torch.float32
+
+
+def load_causal_lm(model_dir: Path, *, dtype: torch.dtype, device: str, load_in_4bit: bool = False,
+                   trust_remote_code: bool = False):
+    """Load safetensors only; 4-bit NF4 with double quantisation when asked (CUDA QLoRA)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = {"": torch.device(device).index or 0} if device.startswith("cuda") else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if not load_in_4bit:
+        model.to(device)
+    return model

@@ -1,0 +1,74 @@
+"""The output-kind contract, in one place: how an answer is parsed, validated and categorised.
+
+json_object: a JSON object over the task's allowed keys with string values (a ```json fence is tolerated).
+label: exactly one of the task's labels (surrounding whitespace ignored).
+Anything else is INVALID.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tuneforge.core.params import OutputSpec
+
+
+KINDS = ("json_object", "label")
+INVALID = "(invalid)"
+# Chat models often wrap JSON in a markdown fence; the language tag is optional and its case varies.
+_FENCE = re.compile(r"^```(?i:json)?\s*(.*?)\s*```$", re.S)
+
+
+def decode_json(text: str) -> object:
+    """The JSON value of an answer, unwrapping a ```json fence; ValueError when it does not parse."""
+    text = text.strip()
+    if m := _FENCE.match(text):
+        text = m.group(1)
+    try:
+        return json.loads(text)  # JSONDecodeError is a ValueError
+    except RecursionError as e:  # a degenerate "[[[[..." generation nests past the decoder's limit
+        raise ValueError("JSON nested too deeply") from e
+
+
+def parse_object(text: str) -> dict | None:
+    """The answer as a dict, tolerating a ```json fence; None when it is not a JSON object."""
+    try:
+        obj = decode_json(text)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def answer_problem(answer: str, output: OutputSpec) -> str:
+    """Why an answer does not fit the task's output kind, or '' when it does."""
+    if output.kind == "label":
+        return "" if answer in output.labels else f"unknown label {answer!r} (allowed: {output.labels})"
+    try:
+        obj = json.loads(answer)
+    except json.JSONDecodeError:
+        return "answer is not valid JSON"
+    if not isinstance(obj, dict) or not obj:
+        return "answer is not a non-empty JSON object"
+    extra = sorted(set(obj) - set(output.allowed_keys))
+    if extra:
+        return f"answer uses keys outside output.allowed_keys: {extra}"
+    if not all(isinstance(v, str) for v in obj.values()):
+        return "answer values must be strings"
+    return ""
+
+
+def answer_is_valid(output: str, spec: OutputSpec) -> bool:
+    if spec.kind == "label":
+        return output.strip() in spec.labels
+    obj = parse_object(output)
+    return obj is not None and set(obj) <= set(spec.allowed_keys)
+
+
+def prediction_category(output: str, spec: OutputSpec) -> str:
+    """The label, or for JSON answers the set of keys used ("(invalid)" when it does not parse)."""
+    if spec.kind == "label":
+        return output.strip() if output.strip() in spec.labels else INVALID
+    obj = parse_object(output)
+    return "+".join(sorted(obj)) if obj is not None else INVALID

@@ -1,0 +1,1 @@
+"""Rendering what the stages wrote: executed notebooks to offline HTML, the stakeholder index."""

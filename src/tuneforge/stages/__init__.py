@@ -1,0 +1,1 @@
+"""One module a DVC stage; each imports only `tuneforge.core` (never another stage)."""
