@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     nb.add_argument("--task", help="task name from params.yaml")
     sub.add_parser("base-model", help="save model.base as safetensors in models/base")
     sub.add_parser("index", help="write reports/index.html, the stakeholder summary of every task")
+    sw = sub.add_parser("sweep", help="run params.yaml's sweep as DVC experiments; write reports/sweep.html")
+    sw.add_argument("--report-only", action="store_true", help="rewrite the page from experiments already run")
+    sw.add_argument("--dry-run", action="store_true", help="print the dvc exp run commands; run nothing")
+    sw.add_argument("--jobs", type=int, default=1, help="experiments at a time (1 on a small CPU)")
     sv = sub.add_parser("serve", help="serve a task's GGUF (OpenAI-compatible API), logging every request")
     sv.add_argument("--task", required=True)
     sv.add_argument("--host", default="127.0.0.1", help="loopback by default: nothing is exposed")
@@ -39,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"wrote {build_index()}")
         return 0
+    if args.command == "sweep":
+        from tuneforge.sweep import main as sweep
+
+        return sweep(report_only=args.report_only, dry_run=args.dry_run, jobs=args.jobs)
     if args.command == "serve":
         from tuneforge.serve import serve
 
