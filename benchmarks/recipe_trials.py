@@ -46,7 +46,13 @@ def parse_settings(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        out[key] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key] = parsed
     return out
 
 
@@ -75,12 +81,14 @@ def score_adapter(task_name: str, params, adapter: Path, rows: int, constrained:
 
 
 def generate_answers(model, tokenizer, records, task, params, constrained: bool) -> list[str]:
+    """The evaluation stage's own generate(); constrained: under the task's grammar, as the stage decodes."""
     from tuneforge.stages import evaluate
 
     kw = {"batch_size": params.evaluate.batch_size, "max_new_tokens": task.max_new_tokens}
     if constrained:
-        # The evaluation stage's constrained decoding (wt/quality), called the way the stage calls it.
-        return evaluate.generate(model, tokenizer, records, task=task, constrained=True, **kw).outputs
+        from tuneforge.core.constraints import grammars_for
+
+        return evaluate.generate(model, tokenizer, records, grammars=grammars_for(task.output, records), **kw).outputs
     return evaluate.generate(model, tokenizer, records, **kw).outputs
 
 
@@ -127,14 +135,14 @@ def main() -> None:
         from tuneforge.stages.train import train_task
 
         shutil.rmtree(models_dir(args.task), ignore_errors=True)
-        load_before = load_average()
+        load_before, started = load_average(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         train = train_task(args.task, params)
         shutil.rmtree(kept, ignore_errors=True)
         shutil.copytree(models_dir(args.task) / "adapter", kept)
         keep = ("steps", "stop_reason", "tokens_seen", "tokens_per_second", "wall_seconds", "base_eval_loss",
                 "best_eval_loss", "best_step", "final_train_loss", "train_examples", "peak_memory_gb")
         row = {"task": args.task, "label": args.label, "settings": settings, "note": args.note, "commit": commit(),
-               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_before": load_before,
+               "started": started, "load_before": load_before,
                "load_after": load_average(), "train": {k: train[k] for k in keep},
                "train_recipe": params.train.model_dump()}
     score = score_adapter(args.task, params, kept, args.rows, constrained=not args.free)

@@ -249,7 +249,7 @@ def trials_section(root: Path) -> str:
             valid = score.get("valid_json", score.get("valid_label"))
             css = ' class="best"' if t is best else ""
             parts.append(
-                f"<tr{css}><td class='l'>{html.escape(t['label'])}</td><td class='l'>{fmt(t.get('settings'))}</td>"
+                f"<tr{css}><td class='l'>{html.escape(t['label'])}</td><td class='l'>{settings_text(t.get('settings') or {})}</td>"
                 f"<td>{fmt(tr.get('steps'))}</td><td>{fmt(tr.get('tokens_seen'))}</td>"
                 f"<td>{fmt(tr.get('tokens_per_second'))}</td><td>{fmt(tr.get('wall_seconds'))}</td>"
                 f"<td>{fmt(t.get('load_before'))}</td><td>{fmt(tr.get('best_eval_loss'))}</td>"
@@ -259,6 +259,10 @@ def trials_section(root: Path) -> str:
                 parts.append(f"<tr><td></td><td class='l' colspan='12'><span class='note'>{html.escape(t['note'])}</span></td></tr>")
         parts.append("</table>")
     return "\n".join(parts)
+
+
+def settings_text(settings: dict) -> str:
+    return html.escape(", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in settings.items()))
 
 
 def score_of(trial: dict) -> dict:
