@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+from tuneforge.core.constraints import constrain_request
+from tuneforge.core.params import OutputSpec
 from tuneforge.core.traffic import append_request
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see export.py: spin-waits stall a busy small machine
@@ -22,8 +24,9 @@ class RequestLog:
     prompt when the client sent none, and logs the answered request."""
 
     def __init__(self, app, *, task: str, log_file: Path, system_prompt: str, model_file: Path, model_sha256: str,
-                 max_input_chars: int):
+                 max_input_chars: int, output: OutputSpec | None = None):
         self.app, self.task, self.log_file = app, task, log_file
+        self.output = output  # the task's output kind: each request decodes under its grammar (core.constraints)
         self.system_prompt, self.model_file, self.model_sha256 = system_prompt, model_file, model_sha256
         self.max_input_chars = max_input_chars
 
@@ -95,6 +98,8 @@ class RequestLog:
         if messages[0]["role"] != "system" and self.system_prompt:
             payload["messages"] = [{"role": "system", "content": self.system_prompt}, *messages]
         payload.setdefault("temperature", 0.0)
+        if self.output is not None:
+            constrain_request(payload, self.output)
         return payload, "", 200
 
 
@@ -124,7 +129,8 @@ def build_app(task: str, quantization: str | None = None, n_ctx: int = 1024):
                                                    n_threads=params.export.n_threads, verbose=False)])
     # A character is at least a quarter of a token here; keep room for the answer in the context.
     return RequestLog(app, task=task, log_file=production_file(task), system_prompt=spec.system_prompt,
-                      model_file=model_file, model_sha256=file_sha256(model_file), max_input_chars=2 * n_ctx)
+                      model_file=model_file, model_sha256=file_sha256(model_file), max_input_chars=2 * n_ctx,
+                      output=spec.output)
 
 
 def serve(task: str, host: str, port: int, quantization: str | None) -> None:

@@ -25,6 +25,10 @@ class OutputSpec(Strict):
     kind: Literal["json_object", "label"]
     allowed_keys: list[str] = Field(default_factory=list, description="json_object: keys the answer may use")
     labels: list[str] = Field(default_factory=list, description="label: the exact answers allowed")
+    constrained: bool = Field(True, description="decode under the grammar of this output kind (evaluation, export, "
+                              "serve); false: free generation, scored the same way")
+    extractive: bool = Field(False, description="json_object: every value is copied from the input (its words, in "
+                             "order), and constrained decoding allows only those")
 
     @model_validator(mode="after")
     def _kind_needs_its_list(self) -> OutputSpec:
@@ -32,6 +36,8 @@ class OutputSpec(Strict):
             raise ValueError("output.kind json_object needs a non-empty output.allowed_keys list")
         if self.kind == "label" and len(self.labels) < 2:
             raise ValueError("output.kind label needs output.labels with at least two labels")
+        if self.extractive and self.kind != "json_object":
+            raise ValueError("output.extractive is an option of output.kind json_object")
         return self
 
 
