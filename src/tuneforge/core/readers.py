@@ -54,6 +54,8 @@ class Record:
     def problem(self) -> str:
         """Why the conversation cannot be trained on, whatever its format, or ''."""
         roles = [m["role"] for m in self.messages]
+        if not all(_is_utf8(m["content"]) for m in self.messages):
+            return "a message holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)"
         if "system" in roles[1:]:
             return f"system message at position {roles.index('system', 1)}: only the first message may be the system prompt"
         if "user" not in roles:
@@ -74,13 +76,16 @@ class Rejected:
     raw: str = field(default="")
 
     def to_json(self) -> dict:
-        return {"file": self.file, "line": self.line, "reason": self.reason, "raw": self.raw[:500]}
+        # backslashreplace: undecodable bytes (kept as lone surrogates) are shown as \udcXX, not a write error
+        raw = self.raw[:500].encode("utf-8", "backslashreplace").decode("utf-8")
+        return {"file": self.file, "line": self.line, "reason": self.reason, "raw": raw}
 
 
 def content_id(messages: list[dict[str, str]]) -> str:
     """Stable id: the hash of the conversation's content, independent of file order."""
     canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    # surrogatepass: a record with a lone surrogate still gets an id (prepare then quarantines it)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _with_system(system_prompt: str, user: str, answer: str) -> list[dict[str, str]]:
@@ -193,14 +198,11 @@ def read_csv(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected
     Parsed strictly, one record at a time from a known line: a quote that never closes, or closes mid-field,
     rejects the record at the line where it opened and parsing resumes on the next line, so the rows after
     it are not swallowed into one field. A field over the csv module's limit (131,072 characters) is rejected
-    the same way. Quoted fields may still span lines: their record is reported at the line it starts on.
+    the same way, and so is a record that is not UTF-8. Quoted fields may still span lines: their record is
+    reported at the line it starts on. A header without the task's columns rejects the file as one entry.
     """
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte-order mark is not part of the first column's name
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        yield Rejected(rel, line, "not valid UTF-8 (the whole CSV is rejected: fix the encoding)")
-        return
+    # surrogateescape keeps undecodable bytes as lone surrogates, so only the records holding them are rejected
+    text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
     lines = io.StringIO(text, newline="").readlines()  # line ends kept, as csv expects
     rows = _csv_rows(lines, rel)
     header = next(rows, None)
@@ -212,11 +214,10 @@ def read_csv(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected
     _, columns = header
     in_col, out_col = task.columns["input"], task.columns["output"]
     missing = [c for c in (in_col, out_col) if c not in columns]
-    if missing:
-        yield Rejected(rel, 1, f"CSV header lacks column(s) {missing}; it has {columns}")
-        return
-    if len(set(columns)) != len(columns):
-        yield Rejected(rel, 1, f"CSV header repeats a column name: {columns}")
+    problem = (f"CSV header lacks column(s) {missing}; it has {columns}" if missing
+               else f"CSV header repeats a column name: {columns}" if len(set(columns)) != len(columns) else "")
+    if problem:
+        yield Rejected(rel, 1, f"{problem} (none of the {sum(1 for _ in rows)} records after it was read)")
         return
     for item in rows:
         if isinstance(item, Rejected):
@@ -248,8 +249,19 @@ def _csv_rows(lines: list[str], rel: str) -> Iterator[tuple[int, list[str]] | Re
                            lines[i])
             i += 1
             continue
-        yield i + 1, values
-        i += reader.line_num
+        start, i = i, i + reader.line_num
+        if not _is_utf8("".join(values)):
+            yield Rejected(rel, start + 1, "not valid UTF-8", "".join(lines[start:i]))
+            continue
+        yield start + 1, values
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_usaddress_xml(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
