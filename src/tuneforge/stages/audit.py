@@ -137,6 +137,7 @@ def record_accounting(metrics: dict) -> list[tuple[str, int]]:
 
 def gate(metrics: dict, spec: AuditSpec) -> list[str]:
     """Threshold breaches, each a sentence naming the number and the setting it broke."""
+    unaccounted = metrics.get("unaccounted_records", 0)
     checks = [
         (metrics["invalid_fraction"] > spec.max_invalid_fraction,
          f"{metrics['invalid_fraction']:.1%} of raw records were quarantined (audit.max_invalid_fraction = {spec.max_invalid_fraction:.1%})"),
@@ -150,8 +151,7 @@ def gate(metrics: dict, spec: AuditSpec) -> list[str]:
          f"{metrics['pii_fraction']:.1%} of records contain an email, phone or card-like number (audit.max_pii_fraction = {spec.max_pii_fraction:.1%})"),
         (metrics["train_records"] < spec.min_records,
          f"only {metrics['train_records']} training records (audit.min_records = {spec.min_records})"),
-        (metrics.get("unaccounted_records", 0) != 0,
-         f"{metrics['unaccounted_records']} raw records are neither kept, quarantined nor exact duplicates"),
+        (unaccounted != 0, f"{unaccounted} raw records are neither kept, quarantined nor exact duplicates"),
     ]
     return [message for failed, message in checks if failed]
 
