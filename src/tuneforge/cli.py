@@ -1,11 +1,9 @@
-"""`tuneforge` command line: the single entry point each DVC stage calls."""
+"""`tuneforge` command line for people; DVC stages call the modules behind these commands (`python -m ...`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-from tuneforge.core.paths import base_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,11 +28,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_notebook(args.name, args.task)
     if args.command == "base-model":
-        from tuneforge.core.params import load_params
-        from tuneforge.stages.base_model import save_base_model
+        from tuneforge.stages.base_model import main as save_base
 
-        save_base_model(load_params().model, base_model_dir())
-        print(f"saved {base_model_dir()}")
+        save_base()
         return 0
     if args.command == "index":
         from tuneforge.report.index import build_index
