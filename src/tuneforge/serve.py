@@ -299,4 +299,7 @@ def serve(task: str, host: str, port: int, quantization: str | None, api_key: st
     import uvicorn
 
     key = resolve_api_key(host, api_key)
+    if not is_loopback(host):
+        print(f"tuneforge serve: listening on {host}:{port} with an API key, over plain HTTP: put a TLS proxy in "
+              "front of it before the key crosses a network you do not trust", file=sys.stderr)
     uvicorn.run(build_app(task, quantization, api_key=key), host=host, port=port, log_level="warning")
