@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--host", default="127.0.0.1", help="loopback by default: nothing is exposed")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--quantization", help="a type from export.quantizations (default: export.gate_quantization)")
+    sv.add_argument("--api-key", help="clients must send 'Authorization: Bearer <key>'; required unless --host is "
+                    "loopback. Prefer $TUNEFORGE_API_KEY: a command line is visible to every user of the machine")
     args = parser.parse_args(argv)
 
     if args.command == "notebook":
@@ -36,9 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {build_index()}")
         return 0
     if args.command == "serve":
-        from tuneforge.serve import serve
+        from tuneforge.core.params import ParamsError
+        from tuneforge.serve import ServeError, serve
 
-        serve(args.task, args.host, args.port, args.quantization)
+        try:
+            serve(args.task, args.host, args.port, args.quantization, args.api_key)
+        except (ServeError, ParamsError) as err:
+            print(f"tuneforge serve: {err}", file=sys.stderr)
+            return 2
         return 0
     return 2
 
