@@ -62,6 +62,8 @@ def task_section(task: str, root: Path, primary: str, served: str) -> str:
         ("training records", _fmt(audit.get("train_records"), "{:,}")),
         ("quarantined records", _fmt(audit.get("quarantined"), "{:,}")),
         (f"{primary}: base → tuned", f"{_fmt(ev.get(f'base_{primary}'))} → <b>{_fmt(ev.get(f'tuned_{primary}'))}</b>"),
+        (f"{primary}: tuned, decoded without the grammar", _fmt(ev.get(f"tuned_free_{primary}"))),
+        (f"{primary}: classical baseline (same train split)", _fmt(ev.get(f"baseline_{primary}"))),
         ("validation loss: base → tuned", f"{_fmt(train.get('base_eval_loss'))} → {_fmt(train.get('best_eval_loss'))}"),
         ("training", f"{train.get('mode', '–')} on {train.get('device', '–')}, {_fmt(train.get('wall_seconds'), '{:.0f}')} s"),
         (f"GGUF {served} size", _fmt(ex.get(f"{served}_size_mb"), "{:.0f} MB")),
@@ -98,3 +100,7 @@ def build_index(root: Path | None = None) -> Path:
     out = root / "reports" / "index.html"
     out.write_text(page, encoding="utf-8")
     return out
+
+
+if __name__ == "__main__":  # the DVC stage's command: python -m tuneforge.report.index
+    print(f"wrote {build_index()}")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from tuneforge.core.chat import prompt_text
+from tuneforge.core.constraints import grammars_for
 from tuneforge.core.gguf import generate_gguf, gguf_files, load_llama
 from tuneforge.core.metrics import score_outputs
 from tuneforge.core.modeling import load_tokenizer
@@ -227,7 +228,8 @@ def run_export(task: str, params: Params) -> ExportResult:
               "prompt_tok_s": speed["prompt_tokens_per_second"], "gen_tok_s": speed["generation_tokens_per_second"]}]
     outputs = {}
     for name, path in files.items():
-        run = generate_gguf(load_llama(path, n_threads=cfg.n_threads), tokenizer, records, spec.max_new_tokens)
+        run = generate_gguf(load_llama(path, n_threads=cfg.n_threads), tokenizer, records, spec.max_new_tokens,
+                            grammars=grammars_for(spec.output, records))  # decoded as evaluated and served
         parity = next_token_parity(hf_model, tokenizer, load_llama(path, logits_all=True, n_threads=cfg.n_threads),
                                    records[: cfg.parity_rows])
         score = score_outputs(spec, records, run.outputs)[primary]
