@@ -95,9 +95,45 @@ def multi_gpu(args) -> dict:
             "eval_loss_difference": many["best_eval_loss"] - one["best_eval_loss"], "one_gpu": one, "n_gpus": many}
 
 
+def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3) -> dict:
+    """The model step alone on the stage's shapes and settings: full rows of max_seq_len random tokens, all trained."""
+    import torch
+
+    from tuneforge.core.batching import loss_sum
+    from tuneforge.core.modeling import compute_dtype
+    from tuneforge.stages.train import Mode, build_model
+
+    spec = params.train
+    model = build_model(params, Mode("lora", "cuda", compute_dtype("cuda")), base_dir)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+        ids = torch.randint(0, model.config.vocab_size, (spec.batch_size, spec.max_seq_len), generator=g).cuda()
+        s, n = loss_sum(model, {"input_ids": ids, "labels": ids})
+        (s / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {"tokens_per_second": steps * spec.batch_size * spec.max_seq_len / seconds, "steps": steps,
+            "batch": spec.batch_size, "seq": spec.max_seq_len, "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
 def task_run(args) -> dict:
     work = Path(args.work)
-    scratch_project(work, [args.task], {"max_steps": args.max_steps} if args.max_steps else {}, profile=args.profile)
+    overrides = {"max_steps": args.max_steps} if args.max_steps else {}
+    scratch_project(work, [args.task], overrides, profile=args.profile)
+    if args.base:  # a local Hugging Face folder as model.base; export needs the GGUF converter in vendor/
+        params = yaml.safe_load((work / "params.yaml").read_text())
+        params["model"]["base"] = str(Path(args.base).resolve())
+        params["export"].update(max_rows=args.export_rows, parity_rows=min(args.export_rows, 40))
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if (REPO / "vendor").exists() and not (work / "vendor").exists():
+        (work / "vendor").symlink_to((REPO / "vendor").resolve())
     from tuneforge.core.params import load_params
     from tuneforge.core.paths import base_model_dir, models_dir, processed_dir
     from tuneforge.core.records import read_jsonl
@@ -115,10 +151,30 @@ def task_run(args) -> dict:
     started = time.perf_counter()
     result = run_evaluation(params.task(args.task), params.evaluate, params.train.max_seq_len, test, validation,
                             base_model_dir(), models_dir(args.task) / "adapter", params.model.trust_remote_code)
-    return {"task": args.task, "profile": args.profile, "params_train": params.train.model_dump(),
-            "base_model_seconds": base_seconds, "train": train,
-            "evaluate": result.summary(params.task(args.task)), "evaluate_seconds": time.perf_counter() - started,
-            "test_rows": len(test)}
+    out = {"task": args.task, "profile": args.profile, "base": params.model.base, "params_train": params.train.model_dump(),
+           "base_model_seconds": base_seconds, "train": train,
+           "evaluate": result.summary(params.task(args.task)), "evaluate_seconds": time.perf_counter() - started,
+           "test_rows": len(test)}
+    save(args, out)  # what is done so far survives a later phase running out of time
+    if args.model_step:
+        out["model_step"] = model_step(base_model_dir(), params)
+        out["stage_over_model_step"] = train["tokens_per_second"] / out["model_step"]["tokens_per_second"]
+        save(args, out)
+    if args.export:
+        from tuneforge.core.paths import predictions_file
+        from tuneforge.core.records import write_jsonl
+        from tuneforge.stages.export import run_export
+
+        write_jsonl(predictions_file(args.task), result.prediction_rows(params.task(args.task)))
+        started = time.perf_counter()
+        exported = run_export(args.task, params)
+        out["export"] = {"rows": exported.rows, "failures": exported.failures, "seconds": time.perf_counter() - started}
+    return out
+
+
+def save(args, result: dict) -> None:
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 def main() -> None:
@@ -139,14 +195,16 @@ def main() -> None:
     tk.add_argument("--profile", default="gpu")
     tk.add_argument("--max-steps", type=int, default=0, help="a quick smoke run instead of the profile's epochs")
     tk.add_argument("--test-rows", type=int, default=0, help="evaluate on the first N test rows only (0: all)")
+    tk.add_argument("--base", help="a local Hugging Face folder as model.base (default: the embedded model)")
+    tk.add_argument("--export", action="store_true", help="then merge, convert, quantize and run the GGUF files")
+    tk.add_argument("--export-rows", type=int, default=20, help="test rows each GGUF file answers")
+    tk.add_argument("--model-step", action="store_true", help="also time the model step alone on the same shapes")
     for p in (mg, tk):
         p.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args()
     result = multi_gpu(args) if args.command == "multi-gpu" else task_run(args)
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print(json.dumps(result, indent=2, default=str))
+    save(args, result)
 
 
 if __name__ == "__main__":
