@@ -13,6 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     nb.add_argument("name", help="notebook name without .ipynb, e.g. 01_data_audit")
     nb.add_argument("--task", help="task name from params.yaml")
     sub.add_parser("base-model", help="save model.base as safetensors in models/base")
+    pr = sub.add_parser("profile", help="write a settings profile (profiles/<name>.yaml, e.g. gpu or cpu) into params.yaml")
+    pr.add_argument("name")
     sub.add_parser("index", help="write reports/index.html, the stakeholder summary of every task")
     sw = sub.add_parser("sweep", help="run params.yaml's sweep as DVC experiments; write reports/sweep.html")
     sw.add_argument("--report-only", action="store_true", help="rewrite the page from experiments already run")
@@ -35,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         from tuneforge.stages.base_model import main as save_base
 
         save_base()
+        return 0
+    if args.command == "profile":
+        from tuneforge.core.params import apply_profile
+
+        changes = apply_profile(args.name)
+        print("\n".join(changes) if changes else f"params.yaml already matches profile {args.name}")
         return 0
     if args.command == "index":
         from tuneforge.report.index import build_index
