@@ -283,7 +283,12 @@ def write_report(root: Path, spec: SweepSpec | None, status: dict[str, str] | No
                      f"Best by <code>{html.escape(spec.metric)}</code> "
                      f"({'higher' if spec.higher_is_better else 'lower'} is better): "
                      f"<b>{html.escape(best.name) if best else 'none finished'}</b>.</p>")
-        parts.append(sweep_table(runs, spec, best))
+        if runs:
+            parts.append(sweep_table(runs, spec, best))
+        else:
+            parts.append("<p class='note'>None of this sweep's experiments exist in this repository yet: "
+                         "<code>tuneforge sweep</code> runs them, one after the other (each trains and evaluates its "
+                         "targets, so expect the targets' usual time per combination).</p>")
         if best is not None:
             parts.append("<h2>Adopt the best</h2><pre>"
                          f"dvc exp apply {html.escape(best.name)}   # its params.yaml and outputs into the workspace\n"
