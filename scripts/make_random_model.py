@@ -61,12 +61,15 @@ class Family:
     end_of_turn: str  # the token an assistant turn ends with (generation_config stops on it)
     sentencepiece: bool = False  # also write tokenizer.model: llama.cpp's converter reads SPM vocabularies from it
     ignore_merges: bool = False  # tokenizer.json's BPE setting in the family's real folder (the GGUF does not say)
+    add_bos_token: bool = False  # the family's tokenizer puts its bos before every encoded text
     config: dict = field(default_factory=dict)  # the family's fixed settings, whatever the shape
 
 
 FAMILIES = {
-    # Without ignore_merges, llama.cpp's converter takes the tokenizer for Smaug's (pre-tokenizer smaug-bpe).
+    # As Meta's tokenizer.json has it. Without the bos, llama.cpp's converter (which hashes encode(text) with
+    # special tokens) takes the tokenizer for Smaug-Llama-3's and records pre-tokenizer smaug-bpe, not llama-bpe.
     "llama": Family("llama-bpe", "llama", LLAMA3_TEMPLATE, "<|eot_id|>", "<|eot_id|>", ignore_merges=True,
+                    add_bos_token=True,
                     config={"rope_theta": 500000.0, "rms_norm_eps": 1e-5}),
     "qwen2": Family("qwen2", "qwen2", None, "<|im_end|>", "<|im_end|>",
                     config={"rope_theta": 1000000.0, "rms_norm_eps": 1e-6}),
@@ -188,6 +191,8 @@ def family_tokenizer(family: str, cache_dir: Path | None = None):
         raise ValueError(f"{family}: the vocabulary GGUF carries no chat template and the family defines none")
     if spec.eos_token is not None:
         tokenizer.eos_token = spec.eos_token
+    if spec.add_bos_token:
+        tokenizer.add_bos_token = True
     return tokenizer
 
 

@@ -30,7 +30,24 @@ def prompt_text(tokenizer, messages: list[dict[str, str]]) -> str:
 
 
 def end_of_turn(tokenizer) -> str:
+    """The special token the chat template closes an assistant turn with.
+
+    Often not the tokenizer's eos: Phi-3 keeps <|endoftext|> but ends turns with <|end|>, a Qwen2 base folder
+    ends ChatML turns with <|im_end|>. Found by rendering a probe answer: the first special token after it.
+    """
+    probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
+    before = tokenizer.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=True)
+    after_answer = tokenizer.apply_chat_template(probe, tokenize=False)[len(before):].split("pong", 1)[-1]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for token_id in tokenizer(after_answer, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return tokenizer.convert_ids_to_tokens(token_id)
     return tokenizer.eos_token
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Generation stops at the end of the turn or at eos, whichever comes."""
+    return list(dict.fromkeys([tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id]))
 
 
 def render(tokenizer, messages: list[dict[str, str]]) -> Rendered:

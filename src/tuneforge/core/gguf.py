@@ -6,16 +6,36 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tuneforge.core.chat import prompt_text
+from tuneforge.core.chat import prompt_text, stop_token_ids
+from tuneforge.core.paths import repo_root
 
 # Spin-waiting OpenMP threads stall llama.cpp on a busy 2-core machine (a run went from 3 s to >120 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def converter_dir() -> Path:
+    folder = repo_root() / "vendor" / "llama.cpp-converter"
+    if not (folder / "convert_hf_to_gguf.py").exists():
+        raise FileNotFoundError(f"{folder} is missing: run scripts/fetch_gguf_converter.sh (scripts/setup.sh does)")
+    return folder
+
+
+def run_converter(hf_dir: Path, out_file: Path, *options: str) -> subprocess.CompletedProcess:
+    """llama.cpp's convert_hf_to_gguf.py on a Hugging Face folder (used by export, and by base_model's pre-flight)."""
+    folder = converter_dir()
+    # The bundled gguf-py first: PyPI's gguf is a different version and breaks this converter (LazyChunkedTensor).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder / "gguf-py"), str(folder)]), "HF_HUB_OFFLINE": "1"}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, str(folder / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile",
+                           str(out_file), *options], env=env, capture_output=True, text=True)
 
 
 def load_llama(gguf_file: Path, *, logits_all: bool = False, n_ctx: int = 1024, n_threads: int | None = None):
@@ -65,7 +85,7 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int) -> G
     The prompt is the HF tokenizer's chat-template rendering, fed as token ids, so the GGUF model reads exactly
     the tokens the HF model read in evaluation; create_chat_completion re-renders and re-tokenizes inside llama.cpp.
     """
-    eos = tokenizer.eos_token_id
+    stops = set(stop_token_ids(tokenizer))
     results = []
     for record in records:
         ids = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False)["input_ids"]
@@ -77,7 +97,7 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int) -> G
         start = time.perf_counter()
         for _ in range(max_new_tokens):
             token = int(np.argmax(last_logits(llm)))
-            if token == eos:
+            if token in stops:
                 break
             answer.append(token)
             llm.eval([token])

@@ -10,7 +10,7 @@ import torch
 
 from tuneforge.core import metrics
 from tuneforge.core.batching import collate_padded, evaluate_loss, render_records
-from tuneforge.core.chat import prompt_text
+from tuneforge.core.chat import prompt_text, stop_token_ids
 from tuneforge.core.metrics import score_outputs
 from tuneforge.core.params import EvaluateSpec, TaskSpec
 
@@ -31,19 +31,19 @@ def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_
     device = next(model.parameters()).device
     outputs, latency, n_tokens = [], [], []
     total_time = 0.0
+    stops = stop_token_ids(tokenizer)
     for i in range(0, len(records), batch_size):
         batch = records[i : i + batch_size]
         prompts = [prompt_text(tokenizer, r["messages"]) for r in batch]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         start = time.perf_counter()
         out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         elapsed = time.perf_counter() - start
         total_time += elapsed
         for row in out[:, enc["input_ids"].shape[1]:]:
             ids = row.tolist()
-            if tokenizer.eos_token_id in ids:
-                ids = ids[: ids.index(tokenizer.eos_token_id)]
+            ids = ids[: next((i for i, t in enumerate(ids) if t in stops), len(ids))]
             outputs.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
             n_tokens.append(len(ids))
             latency.append(elapsed / len(batch))

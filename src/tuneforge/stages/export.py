@@ -9,8 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import subprocess
-import sys
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tuneforge.core.chat import prompt_text
-from tuneforge.core.gguf import generate_gguf, gguf_files, load_llama
+from tuneforge.core.chat import end_of_turn, prompt_text, stop_token_ids
+# converter_dir is re-exported: callers (tests/test_export.py) check export.converter_dir().
+from tuneforge.core.gguf import converter_dir, generate_gguf, gguf_files, load_llama, run_converter  # noqa: F401
 from tuneforge.core.metrics import score_outputs
 from tuneforge.core.modeling import load_tokenizer
 from tuneforge.core.params import ExportSpec, Params
@@ -36,13 +36,6 @@ from tuneforge.core.records import read_jsonl
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def converter_dir() -> Path:
-    folder = repo_root() / "vendor" / "llama.cpp-converter"
-    if not (folder / "convert_hf_to_gguf.py").exists():
-        raise FileNotFoundError(f"{folder} is missing: run scripts/fetch_gguf_converter.sh (scripts/setup.sh does)")
-    return folder
-
-
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, trust_remote_code: bool = False) -> Path:
     """Adapter merged into the full-precision base (never into 4-bit weights: the fine-tune would be lost)."""
     from peft import PeftModel
@@ -54,16 +47,13 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, trust_remote
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)  # with chat_template.jinja: the converter embeds it
+    if (base_dir / "tokenizer.model").exists():  # SentencePiece families: the converter reads it, save_pretrained drops it
+        shutil.copy2(base_dir / "tokenizer.model", out_dir / "tokenizer.model")
     return out_dir
 
 
 def convert_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Path:
-    folder = converter_dir()
-    # The bundled gguf-py first: PyPI's gguf is a different version and breaks this converter (LazyChunkedTensor).
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder / "gguf-py"), str(folder)]), "HF_HUB_OFFLINE": "1"}
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run([sys.executable, str(folder / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile",
-                             str(out_file), "--outtype", outtype], env=env, capture_output=True, text=True)
+    result = run_converter(hf_dir, out_file, "--outtype", outtype)
     if result.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed for {hf_dir}:\n{result.stderr[-3000:]}")
     return out_file
@@ -115,7 +105,7 @@ def next_token_parity(hf_model, tokenizer, llm, records: list[dict]) -> dict:
     for record in records:
         prompt = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False)["input_ids"]
         # Tokenized apart from the prompt, as chat.render does for training.
-        answer = tokenizer(record["messages"][-1]["content"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(record["messages"][-1]["content"] + end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
         ids = prompt + answer
         hf_logits = hf_model(torch.tensor([ids])).logits[0].float()
         llm.reset()
@@ -135,6 +125,7 @@ def next_token_parity(hf_model, tokenizer, llm, records: list[dict]) -> dict:
 def hf_speed(hf_model, tokenizer, records: list[dict], max_new_tokens: int) -> dict:
     """The HF model's prompt and generation tokens/s on the same prompts, one at a time like llama.cpp."""
     n_prompt, n_gen, t_prompt, t_gen = 0, 0, 0.0, 0.0
+    stops = stop_token_ids(tokenizer)
     for record in records:
         enc = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False, return_tensors="pt")
         start = time.perf_counter()
@@ -142,11 +133,11 @@ def hf_speed(hf_model, tokenizer, records: list[dict], max_new_tokens: int) -> d
         t_prompt += time.perf_counter() - start
         start = time.perf_counter()
         out = hf_model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         t_gen += time.perf_counter() - start
         n_prompt += enc["input_ids"].shape[1]
         # Without the final end-of-turn token, as generate_gguf counts.
-        n_gen += int((out[0, enc["input_ids"].shape[1]:] != tokenizer.eos_token_id).sum())
+        n_gen += sum(int(t) not in stops for t in out[0, enc["input_ids"].shape[1]:])
     # generate() re-reads the prompt; subtract that to compare decoding speed with llama.cpp's.
     t_gen = max(t_gen - t_prompt, 1e-9)
     return {"prompt_tokens_per_second": n_prompt / max(t_prompt, 1e-9), "generation_tokens_per_second": n_gen / t_gen}
