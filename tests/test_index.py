@@ -200,3 +200,13 @@ def test_index_and_cards_render_offline_in_chromium(repo, tmp_path):
                     "--window-size=1200,2000", f"--screenshot={shot}", page.as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 20_000
+
+
+def test_the_index_stage_declares_what_it_writes_and_shows():
+    from tests.conftest import ROOT
+    from tuneforge.report.index import MODEL_CARDS, PARAMS_SHOWN
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["index"]
+    assert set(stage["params"]) == set(PARAMS_SHOWN)  # the page shows no setting that could be stale
+    outs = {next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]}
+    assert outs == {"reports/index.html", str(MODEL_CARDS)}
