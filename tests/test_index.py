@@ -46,7 +46,7 @@ def tasks(repo: Path) -> dict:
 def card(repo: Path, task: str) -> tuple[dict, str]:
     """The model card's YAML header and its Markdown body."""
     text = (repo / "reports" / "model_cards" / task / "README.md").read_text()
-    match = re.match(r"---\n(.*?)\n---\n(.*)", text, re.S)
+    match = re.match(r"---\n(.*?)\n---\n(.*)", text, re.DOTALL)
     assert match, "a Hugging Face model card starts with a YAML header between --- lines"
     return yaml.safe_load(match.group(1)), match.group(2)
 
@@ -116,7 +116,7 @@ def test_baseline_appears_when_the_evaluation_has_one(repo):
     assert "classical baseline" in chart and "0.912" in chart
     assert f'width="{round(0.912 * 260, 1)}"' in chart
     assert "classical baseline" in text(part.split("What changed")[1])
-    meta, body = card(repo, task)
+    _, body = card(repo, task)
     assert "| classical baseline |" in body and "0.912" in body and "a word tagger" in body
 
 

@@ -53,9 +53,6 @@ SHARES = {"exact_match", "accuracy", "valid_json", "valid_label", "allowed_keys_
 PLAIN = {"json_object": ("exact_match", "gets {share} of the {n} test inputs exactly right"),
          "label": ("accuracy", "labels {share} of the {n} test inputs correctly")}
 VALIDITY = {"json_object": "valid_json", "label": "valid_label"}
-LOWER_IS_BETTER = {"hallucination_rate"}
-
-
 SERIES_COLORS = {"base": "#9aa0a6", "baseline": "#e0a030", "tuned": "#1f6feb"}
 
 
@@ -189,6 +186,10 @@ class TaskReport:
     previous: dict[str, dict]
     head: str | None
 
+    def committed(self, stage: str, key: str):
+        """A number as committed at HEAD (None when it was not)."""
+        return self.previous.get(stage, {}).get(key)
+
     @property
     def audit(self) -> dict:
         return self.metrics["audit"]
@@ -273,8 +274,7 @@ class TaskReport:
     # --- is it safe to ship ---
 
     def gates(self) -> list[Gate]:
-        audit, ev, ex, dr, prev = self.audit, self.eval, self.export, self.drift, self.previous
-        old = lambda stage, key: prev.get(stage, {}).get(key)  # noqa: E731
+        audit, ev, ex, dr, old = self.audit, self.eval, self.export, self.drift, self.committed
         gates = [
             Gate("Data audit", audit.get("gate_passed"),
                  f"{fmt(audit.get('train_records'))} training records, {fmt(audit.get('quarantined'))} quarantined, "
@@ -311,8 +311,7 @@ class TaskReport:
     # --- what changed ---
 
     def rows(self) -> list[Row]:
-        ev, ex, tr, au, dr, p = self.eval, self.export, self.train, self.audit, self.drift, self.previous
-        old = lambda stage, key: p.get(stage, {}).get(key)  # noqa: E731
+        ev, ex, tr, au, dr, old = self.eval, self.export, self.train, self.audit, self.drift, self.committed
         primary, plain, served = self.primary, self.plain_metric, self.served
         rows = [Row(f"fine-tuned {metric_name(primary)}", ev.get(f"tuned_{primary}"), old("eval", f"tuned_{primary}"),
                     primary, "higher")]
