@@ -66,6 +66,7 @@ def lab(tmp_path_factory):
     server = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
                                f"--IdentityProvider.token={token}", "--ServerApp.port_retries=0",
                                f"--LabApp.app_settings_dir={env_prefix / 'share' / 'jupyter' / 'lab' / 'settings'}",
+                               "--LabApp.expose_app_in_browser=True",  # the UI test drives it as a user would
                                *(["--allow-root"] if os.geteuid() == 0 else [])],
                               cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
     handle = Lab(repo, port, token)
@@ -219,22 +220,101 @@ def page_requests_elsewhere(netlog: Path, port: int) -> set[str]:
     return {url for url, annotation in requests if annotation in page and not local.match(url)}
 
 
-def test_lab_ui_loads_offline_in_chromium(lab, tmp_path):
+# Runs in the page: wait for the notebook and its kernel, run every cell and save, both with JupyterLab's own
+# commands (what Run > Run All Cells and File > Save do); report what the page shows.
+RUN_ALL_AND_SAVE = """(async () => {
+  for (let i = 0; i < 1200 && !window.jupyterapp; i++) await new Promise(r => setTimeout(r, 100));
+  const app = window.jupyterapp;
+  await app.restored;
+  let panel = null;
+  for (let i = 0; i < 1200 && !(panel && panel.sessionContext); i++) {
+    panel = app.shell.currentWidget;
+    await new Promise(r => setTimeout(r, 100));
+  }
+  await panel.context.ready;
+  await panel.sessionContext.ready;
+  const ran = await app.commands.execute("notebook:run-all-cells");
+  await app.commands.execute("docmanager:save");
+  const cells = panel.content.model.cells;
+  let outputs = 0;
+  for (let i = 0; i < cells.length; i++) outputs += cells.get(i).outputs ? cells.get(i).outputs.length : 0;
+  return JSON.stringify({ran, outputs, dirty: panel.context.model.dirty,
+                         news: document.body.innerText.includes("official Jupyter news"),
+                         text: panel.node.innerText.slice(0, 4000)});
+})()"""
+
+
+async def devtools(port: int, expression: str, screenshot: Path) -> dict:
+    """Evaluate a script in Chromium's page over the DevTools protocol, then capture a screenshot."""
+    import base64
+
+    from tornado.httpclient import AsyncHTTPClient
+    from tornado.websocket import websocket_connect
+
+    for _ in range(300):  # the browser opens its debugging port a moment after it starts
+        try:
+            targets = json.loads((await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/json/list")).body)
+            page = next(t for t in targets if t["type"] == "page")
+            break
+        except (ConnectionError, OSError, StopIteration):
+            await asyncio.sleep(0.2)
+    ws = await websocket_connect(page["webSocketDebuggerUrl"], max_message_size=64 << 20)
+
+    async def call(method: str, **params) -> dict:
+        """The protocol's reply: {"id", "result"} or {"id", "error"}."""
+        call.id = getattr(call, "id", 0) + 1
+        await ws.write_message(json.dumps({"id": call.id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws.read_message(), timeout=300))
+            if msg.get("id") == call.id:
+                return msg
+
+    for _ in range(20):  # the page may still be navigating (the token login) when the script first runs
+        reply = await call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "context" not in reply.get("error", {}).get("message", ""):
+            break
+        await asyncio.sleep(1)
+    assert "error" not in reply, reply
+    result = reply["result"]
+    assert "exceptionDetails" not in result, result
+    shot = await call("Page.captureScreenshot", format="png")
+    screenshot.write_bytes(base64.b64decode(shot["result"]["data"]))
+    ws.close()
+    # Closed through the protocol, the browser finishes its net log (a killed one leaves it cut short).
+    version = json.loads((await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/json/version")).body)
+    ws = await websocket_connect(version["webSocketDebuggerUrl"])
+    await ws.write_message(json.dumps({"id": 1, "method": "Browser.close"}))
+    return json.loads(result["result"]["value"])
+
+
+def test_lab_ui_runs_and_saves_a_stage_notebook_offline(lab, tmp_path):
+    """The real UI in headless Chromium, name resolution blocked: Run All, Save; nothing changes for git or DVC."""
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    page = f"{lab.url}/lab/tree/{NOTEBOOK}?token={lab.token}"
-    netlog, shot = tmp_path / "netlog.json", tmp_path / "lab.png"
-    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-              # Every name but the loopback address fails to resolve: nothing can come from the network.
-              "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--window-size=1280,900",
-              "--virtual-time-budget=30000"]
-    dom = subprocess.run([*common, f"--log-net-log={netlog}", "--dump-dom", page],
-                         capture_output=True, text=True, timeout=180)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "jp-Notebook" in dom.stdout and "raw source" in dom.stdout, dom.stdout[-2000:]
-    assert "official Jupyter news" not in dom.stdout  # lab/overrides.json: no news prompt, no fetch
+    repo, file = lab.repo, lab.repo / NOTEBOOK
+    before_md5, before_status = md5(file), dvc_status(repo, "prepare@address_json")
+    netlog, shot, debug_port = tmp_path / "netlog.json", tmp_path / "lab.png", free_port()
+    browser = subprocess.Popen(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         # Every name but the loopback address fails to resolve: nothing can come from the network.
+         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--window-size=1280,900",
+         f"--remote-debugging-port={debug_port}", f"--log-net-log={netlog}",
+         f"{lab.url}/lab/tree/{NOTEBOOK}?token={lab.token}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        shown = asyncio.run(devtools(debug_port, RUN_ALL_AND_SAVE, shot))
+    finally:
+        try:
+            browser.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            browser.kill()
+    assert shown["ran"] is True and shown["outputs"] >= 3 and not shown["dirty"], shown
+    assert "labeled.xml" in shown["text"] and "Traceback" not in shown["text"]  # the run's output, on screen
+    assert not shown["news"]  # lab/overrides.json: no news prompt
+    assert shot.stat().st_size > 20_000  # kept in this test's tmp dir for a look
     assert not page_requests_elsewhere(netlog, lab.port)
-    subprocess.run([*common, f"--screenshot={shot}", page], capture_output=True, timeout=180, check=True)
-    assert shot.stat().st_size > 20_000  # a rendered page, not a blank one (kept in this test's tmp dir)
+    assert md5(file) == before_md5, "the notebook JupyterLab saved differs from the committed file"
+    assert git("status", "--porcelain", cwd=repo) == ""
+    assert dvc_status(repo, "prepare@address_json") == before_status
