@@ -23,8 +23,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tests.conftest import copy_repo, git
-from tuneforge.report.jupyter import install
+from tests.conftest import ROOT, copy_repo, git
+from tuneforge.report.jupyter import clean_notebook, install
 
 NOTEBOOK = "notebooks/00_prepare.ipynb"  # the cheapest stage: seconds, no model
 
@@ -180,6 +180,15 @@ def test_a_stage_notebook_runs_in_lab_and_saving_it_changes_nothing(lab):
     assert git("status", "--porcelain", cwd=repo) == ""
     assert dvc_status(repo, "prepare@address_json") == before_status
     lab.api("DELETE", f"/api/sessions/{session['id']}")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_stage_notebooks_are_stored_as_a_save_writes_them(path):
+    """Each committed notebook is what the save hook and the git filter produce from it: byte for byte, so a
+    save in JupyterLab changes neither git's nor DVC's view of it."""
+    nb = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+    assert nbformat.writes(clean_notebook(nb)) + "\n" == path.read_text(encoding="utf-8")
+    assert nb.metadata.kernelspec.display_name == "Python 3 (ipykernel)"  # what JupyterLab's kernel writes back
 
 
 def test_git_filter_strips_a_notebook_saved_elsewhere(lab):
