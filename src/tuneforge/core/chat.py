@@ -9,6 +9,7 @@ trained too, so the model learns to stop; whatever the template adds after it
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 IGNORE = -100  # label value that torch's cross-entropy skips
@@ -35,6 +36,11 @@ def end_of_turn(tokenizer) -> str:
     Often not the tokenizer's eos: Phi-3 keeps <|endoftext|> but ends turns with <|end|>, a Qwen2 base folder
     ends ChatML turns with <|im_end|>. Found by rendering a probe answer: the first special token after it.
     """
+    return _end_of_turn(tokenizer, tokenizer.chat_template)
+
+
+@functools.lru_cache(maxsize=8)  # render() asks once a record: the probe alone cost half of a render
+def _end_of_turn(tokenizer, chat_template: str) -> str:
     probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
     before = tokenizer.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=True)
     after_answer = tokenizer.apply_chat_template(probe, tokenize=False)[len(before):].split("pong", 1)[-1]
