@@ -183,3 +183,22 @@ def test_qlora_on_cuda(tiny_root):
     assert metrics["mode"] == "qlora" and metrics["device"].startswith("cuda")
     assert metrics["best_eval_loss"] < metrics["base_eval_loss"]
     assert (tiny_root / "models/address_json/adapter/adapter_model.safetensors").exists()
+
+
+def test_profiles_rewrite_only_their_lines_and_round_trip(tmp_path, repo_root, monkeypatch):
+    from tuneforge.core.params import ParamsError, apply_profile
+
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(repo_root / "profiles", tmp_path / "profiles")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.setenv("TUNEFORGE_ROOT", str(tmp_path))
+    original = (tmp_path / "params.yaml").read_text()
+    changes = apply_profile("gpu")
+    gpu = load_params(tmp_path / "params.yaml")
+    assert gpu.train.max_steps == 0 and gpu.train.epochs > 1 and gpu.train.max_seq_len > 256
+    assert "train.max_steps: 40 -> 0" in changes
+    assert len(changes) == sum(a != b for a, b in zip(original.splitlines(), (tmp_path / "params.yaml").read_text().splitlines()))
+    apply_profile("cpu")
+    assert (tmp_path / "params.yaml").read_text() == original  # byte for byte, comments included
+    with pytest.raises(ParamsError, match="no such profile"):
+        apply_profile("tpu")

@@ -118,7 +118,7 @@ class TrainSpec(Strict):
     weight_decay: float = Field(0.0, ge=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(0, ge=0, description="0: run the given epochs")
-    batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
+    batch_size: int = Field(8, ge=1, description="rows (packed sequences) per micro-batch, per process")
     grad_accum: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
     eval_every: int = Field(10, ge=1)
