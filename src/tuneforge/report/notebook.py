@@ -44,8 +44,11 @@ def run_notebook(name: str, task: str | None) -> int:
     failure = None
     try:
         papermill.execute_notebook(
-            str(source), str(executed), parameters=parameters, kernel_name="python3",
-            cwd=str(root), progress_bar=False, log_output=True,
+            str(source), str(executed), parameters=parameters, kernel_name="python3", cwd=str(root),
+            # The cells' prints and progress bars reach the terminal as written (a bar redraws in place; papermill's
+            # log_output would put every redraw on a line of its own); the executed copy keeps each cell's
+            # streams merged, a progress bar as its final state.
+            progress_bar=False, stdout_file=sys.stdout, stderr_file=sys.stderr, coalesce_streams=True,
         )
     except PapermillExecutionError as err:
         failure = f"{err.ename}: {err.evalue}"
@@ -55,3 +58,17 @@ def run_notebook(name: str, task: str | None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="run one stage notebook with papermill and render its report")
+    parser.add_argument("name", help="notebook name without .ipynb, e.g. 01_data_audit")
+    parser.add_argument("--task", help="task name from params.yaml")
+    args = parser.parse_args(argv)
+    return run_notebook(args.name, args.task)
+
+
+if __name__ == "__main__":  # the DVC stages' command: python -m tuneforge.report.notebook NAME --task TASK
+    sys.exit(main())

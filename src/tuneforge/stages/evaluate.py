@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from tuneforge.core import metrics
 from tuneforge.core.batching import collate_padded, evaluate_loss, render_records
@@ -24,13 +25,15 @@ class Generations:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_tokens: int) -> Generations:
-    """Greedy, batched, left-padded (so every prompt ends where generation starts)."""
+def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_tokens: int,
+             desc: str = "answers") -> Generations:
+    """Greedy, batched, left-padded (so every prompt ends where generation starts); a progress bar named desc."""
     tokenizer.padding_side = "left"
     model.eval()
     device = next(model.parameters()).device
     outputs, latency, n_tokens = [], [], []
     total_time = 0.0
+    bar = tqdm(total=len(records), desc=desc, unit="answer")
     for i in range(0, len(records), batch_size):
         batch = records[i : i + batch_size]
         prompts = [prompt_text(tokenizer, r["messages"]) for r in batch]
@@ -47,6 +50,8 @@ def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_
             outputs.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
             n_tokens.append(len(ids))
             latency.append(elapsed / len(batch))
+        bar.update(len(batch))
+    bar.close()
     return Generations(outputs, latency, n_tokens, sum(n_tokens) / max(total_time, 1e-9))
 
 
@@ -138,10 +143,10 @@ def run_evaluation(task: TaskSpec, spec: EvaluateSpec, max_seq_len: int, test: l
     tokenizer = load_tokenizer(base_dir)
     model = load_causal_lm(base_dir, dtype=compute_dtype(device), device=device, trust_remote_code=trust_remote_code)
     kw = {"batch_size": spec.batch_size, "max_new_tokens": task.max_new_tokens}
-    base = generate(model, tokenizer, test, **kw)
+    base = generate(model, tokenizer, test, desc="base model answers", **kw)
     base_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    tuned = generate(model, tokenizer, test, **kw)
+    tuned = generate(model, tokenizer, test, desc="tuned model answers", **kw)
     tuned_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size)
     return EvalResult(test, base, tuned, score_outputs(task, test, base.outputs), score_outputs(task, test, tuned.outputs),
                       base_ppl, tuned_ppl)
