@@ -72,10 +72,10 @@ def multi_gpu(args) -> dict:
 
     work = Path(args.work)
     steps_between_evals = 1000  # validation at step 0 and at the end only: the runs time training
-    scratch_project(work, [args.task], dict(mode="auto", max_seq_len=args.seq, batch_size=args.batch, max_steps=0,
-                                           epochs=args.epochs, eval_every=steps_between_evals, eval_rows=64,
-                                           early_stopping_patience=100, checkpoint_every=100000,
-                                           gradient_checkpointing=False))
+    scratch_project(work, [args.task], {"mode": "auto", "max_seq_len": args.seq, "batch_size": args.batch, "max_steps": 0,
+                                        "epochs": args.epochs, "eval_every": steps_between_evals, "eval_rows": 64,
+                                        "early_stopping_patience": 100, "checkpoint_every": 100000,
+                                        "gradient_checkpointing": False})
     base = work / "models" / "base"
     save_random_model(args.arch, base)
     for f in Path(args.tokenizer).iterdir():

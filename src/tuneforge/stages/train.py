@@ -42,7 +42,13 @@ from tuneforge.core.modeling import (
     load_tokenizer,
 )
 from tuneforge.core.params import Params, TrainSpec, load_params
-from tuneforge.core.paths import base_model_dir, metrics_file, models_dir, processed_dir, train_history_file
+from tuneforge.core.paths import (
+    base_model_dir,
+    metrics_file,
+    models_dir,
+    processed_dir,
+    train_history_file,
+)
 from tuneforge.core.records import read_jsonl, write_metrics
 
 # ---------------------------------------------------------------- mode
