@@ -115,7 +115,8 @@ def gguf_tokenizer(family: str, cache_dir: Path | None = None):
     source = vocab_file(family)
     spec = json.dumps(FAMILIES[family].ignore_merges).encode()  # what fix_tokenizer_json depends on
     key = hashlib.sha256(source.read_bytes() + spec).hexdigest()[:16] + "-transformers-" + transformers.__version__
-    cache_dir = cache_dir or Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge")) / "tokenizers"
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge")) / "tokenizers"
     cached = cache_dir / f"{source.stem}-{key}"
     if (cached / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(cached)
@@ -124,7 +125,10 @@ def gguf_tokenizer(family: str, cache_dir: Path | None = None):
     tokenizer.save_pretrained(tmp)
     fix_tokenizer_json(tmp / "tokenizer.json", gguf_token_count(source), FAMILIES[family].ignore_merges)
     shutil.rmtree(cached, ignore_errors=True)
-    tmp.rename(cached)  # whole or not at all: a concurrent or killed run never leaves half a cache entry
+    try:
+        tmp.rename(cached)  # whole or not at all: a killed run never leaves half a cache entry
+    except OSError:  # a concurrent run renamed its copy first
+        shutil.rmtree(tmp)
     return AutoTokenizer.from_pretrained(cached)
 
 
@@ -165,7 +169,8 @@ def write_sentencepiece_model(gguf_path: Path, out_file: Path) -> None:
     model.trainer_spec.byte_fallback = True
     model.trainer_spec.split_digits = True
     model.trainer_spec.allow_whitespace_only_pieces = True
-    model.trainer_spec.unk_id, model.trainer_spec.bos_id, model.trainer_spec.eos_id, model.trainer_spec.pad_id = 0, 1, 2, -1
+    trainer = model.trainer_spec
+    trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = 0, 1, 2, -1
     model.normalizer_spec.name = "identity"
     model.normalizer_spec.add_dummy_prefix = True
     model.normalizer_spec.remove_extra_whitespaces = False

@@ -123,7 +123,8 @@ def test_a_family_goes_through_every_stage(family, tmp_path, prepared, repo_root
     # Rows of 256 (hidden) and 512 (intermediate): every layer weight takes a real k-quant, none falls back.
     from gguf import GGUFReader
 
-    types = {t.name: t.tensor_type.name for t in GGUFReader(str(models_dir(TASK) / "gguf" / "model-Q4_K_M.gguf")).tensors}
+    q4 = GGUFReader(str(models_dir(TASK) / "gguf" / "model-Q4_K_M.gguf"))
+    types = {t.name: t.tensor_type.name for t in q4.tensors}
     layer_types = {v for k, v in types.items() if k.startswith("blk.") and k.endswith(".weight") and "norm" not in k}
     assert layer_types <= {"Q4_K", "Q5_K", "Q6_K"}, types
 

@@ -30,7 +30,8 @@ class NotExportableError(RuntimeError):
     """llama.cpp's converter refuses the base: no GGUF could be exported after training."""
 
 
-# The converter's known refusals (its stderr) -> what they mean for a tuneforge user, and what to do.
+# The converter's known refusals (its stderr) -> what they mean for a tuneforge user, and what to do. Checked in
+# this order: a converter that tries tokenizer.model before tokenizer.json logs both failures; the BPE one is the cause.
 CONVERTER_REFUSALS = [
     (r"BPE pre-tokenizer was not recognized",
      "llama.cpp does not know this tokenizer. Its converter identifies a BPE tokenizer by the hash of how it splits "
