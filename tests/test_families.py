@@ -79,6 +79,25 @@ def project(root, base, prepared, repo_root, monkeypatch):
     return load_params(root / "params.yaml")
 
 
+@pytest.mark.parametrize("family", sorted(builder.FAMILIES))
+def test_every_answer_is_trained_up_to_its_familys_end_of_turn(family):
+    """Multi-turn masking with each family's template: ChatML, Llama 3 headers, Mistral [INST], Phi-3 <|user|>."""
+    tokenizer = builder.family_tokenizer(family)
+    eot = builder.FAMILIES[family].end_of_turn
+    assert end_of_turn(tokenizer) == eot
+    messages = [{"role": "system", "content": "Classify the SMS as spam or ham."},
+                {"role": "user", "content": "see you at 5"}, {"role": "assistant", "content": "ham"},
+                {"role": "user", "content": "WINNER!! Claim your prize"}, {"role": "assistant", "content": "spam"}]
+    rendered = render(tokenizer, messages)
+    trained = tokenizer.decode([t for t, label in zip(rendered.input_ids, rendered.labels) if label != IGNORE])
+    assert trained.replace(" ", "") == f"ham{eot}spam{eot}"  # SentencePiece decodes a word start as a space
+    # Token for token what the whole conversation tokenizes to, and what the model reads at inference.
+    whole = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert rendered.input_ids == whole
+    prompt = tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    assert rendered.input_ids[: len(prompt)] == prompt
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(builder.FAMILIES))
 def test_a_family_goes_through_every_stage(family, tmp_path, prepared, repo_root, monkeypatch):

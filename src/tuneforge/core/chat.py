@@ -56,6 +56,22 @@ def stop_token_ids(tokenizer) -> list[int]:
     return list(dict.fromkeys([tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id]))
 
 
+def tokens_after(tokenizer, text: str, ids: list[int], piece: str) -> list[int]:
+    """piece's tokens where it follows text (whose tokens are ids), as the whole conversation tokenizes.
+
+    Tokenized alone, a SentencePiece tokenizer (Mistral, Phi-3) marks piece's first word as a word start ("▁ham")
+    where the whole text has "ham": earlier answers would then differ from the prompt the model reads at
+    inference. Tokenized apart only where the boundary merges tokens.
+    """
+    if not piece:
+        return []
+    if text:
+        whole = tokenizer(text + piece, add_special_tokens=False)["input_ids"]
+        if whole[: len(ids)] == ids:
+            return whole[len(ids):]
+    return tokenizer(piece, add_special_tokens=False)["input_ids"]
+
+
 def render(tokenizer, messages: list[dict[str, str]]) -> Rendered:
     input_ids: list[int] = []
     labels: list[int] = []
@@ -73,8 +89,8 @@ def render(tokenizer, messages: list[dict[str, str]]) -> Rendered:
         answer = answer_and_tail if cut < 0 else answer_and_tail[: cut + len(eot)]
         tail = answer_and_tail[len(answer):]
         for text, trained in ((before[len(done):], False), (answer, True), (tail, False)):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            ids = tokens_after(tokenizer, done, input_ids, text)
             input_ids += ids
             labels += ids if trained else [IGNORE] * len(ids)
-        done = through
+            done += text
     return Rendered(input_ids, labels)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tuneforge.core.chat import end_of_turn, prompt_text, stop_token_ids
+from tuneforge.core.chat import end_of_turn, prompt_text, stop_token_ids, tokens_after
 # converter_dir is re-exported: callers (tests/test_export.py) check export.converter_dir().
 from tuneforge.core.gguf import converter_dir, generate_gguf, gguf_files, load_llama, run_converter  # noqa: F401
 from tuneforge.core.metrics import score_outputs
@@ -104,9 +104,10 @@ def next_token_parity(hf_model, tokenizer, llm, records: list[dict], desc: str =
         raise ValueError("next_token_parity needs a model loaded with load_llama(..., logits_all=True)")
     agree, kls, count = 0, [], 0
     for record in tqdm(records, desc=desc, unit="answer"):
-        prompt = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False)["input_ids"]
-        # Tokenized apart from the prompt, as chat.render does for training.
-        answer = tokenizer(record["messages"][-1]["content"] + end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
+        text = prompt_text(tokenizer, record["messages"])
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        # Tokenized after the prompt, as chat.render does for training.
+        answer = tokens_after(tokenizer, text, prompt, record["messages"][-1]["content"] + end_of_turn(tokenizer))
         ids = prompt + answer
         hf_logits = hf_model(torch.tensor([ids])).logits[0].float()
         llm.reset()
