@@ -142,6 +142,8 @@ class EvaluateSpec(Strict):
     batch_size: int = Field(16, ge=1)
     min_tuned_score: float = Field(0.5, ge=0, le=1, description="gate: tuned primary metric at least this")
     max_regression: float = Field(0.0, ge=0, le=1, description="gate: tuned may trail base by at most this")
+    compare_free: bool = Field(True, description="constrained tasks: also decode the tuned model without the grammar "
+                               "(tuned_free_* metrics); false saves that generation pass")
 
 
 class ExportSpec(Strict):

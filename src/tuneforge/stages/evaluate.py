@@ -281,7 +281,7 @@ def run_evaluation(task: TaskSpec, spec: EvaluateSpec, max_seq_len: int, train: 
                    validation: list[dict], base_dir, adapter_dir, trust_remote_code: bool = False) -> EvalResult:
     """The classical baseline, then the base model, then the same weights with the adapter merged in (full
     precision): both under the task's decoding (constrained unless output.constrained is false), and the tuned
-    model once more freely when constrained, to show what the constraint changes."""
+    model once more freely when constrained (evaluate.compare_free), to show what the constraint changes."""
     from peft import PeftModel
 
     from tuneforge.core.modeling import (
@@ -301,7 +301,7 @@ def run_evaluation(task: TaskSpec, spec: EvaluateSpec, max_seq_len: int, train: 
     base_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tuned = generate(model, tokenizer, test, grammars=grammars, **kw)
-    tuned_free = generate(model, tokenizer, test, **kw) if grammars is not None else None
+    tuned_free = generate(model, tokenizer, test, **kw) if grammars is not None and spec.compare_free else None
     tuned_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size)
     return EvalResult(test, grammars is not None, base, tuned, tuned_free, base_ppl, tuned_ppl,
                       baseline_name, baseline_outputs, baseline_seconds, task)
