@@ -1,4 +1,5 @@
-"""Training on the real tiny model: packing, loss masking, resume after a kill, CUDA QLoRA (skipped on CPU)."""
+"""Training on the real tiny model: packing, loss masking, resume after a kill, two processes against one,
+the memory-based mode choice, CUDA QLoRA (skipped on CPU)."""
 
 import json
 import os
@@ -22,7 +23,7 @@ from tuneforge.core.batching import (
 )
 from tuneforge.core.params import load_params
 from tuneforge.stages.prepare import prepare, write_prepared
-from tuneforge.stages.train import Mode, build_model
+from tuneforge.stages.train import Mode, build_model, choose_mode
 
 TINY = {"max_seq_len": 128, "batch_size": 2, "max_steps": 4, "eval_every": 2, "eval_rows": 4,
         "checkpoint_every": 1, "early_stopping_patience": 10, "lora": {"r": 4, "alpha": 8, "dropout": 0.1,
@@ -75,6 +76,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(tiny_root):
     uninterrupted = load_file(adapter / "adapter_model.safetensors")
     first = json.loads((tiny_root / "metrics/address_json/train.json").read_text())
     assert first["resumed_from_step"] == 0 and first["steps"] == 4 and first["mode"] == "lora"
+    assert first["final_train_loss"] > 0
     shutil.rmtree(tiny_root / "models/address_json")
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -100,12 +102,103 @@ def test_a_killed_run_resumes_to_the_same_adapter(tiny_root):
     assert not progress.exists()  # a finished run leaves nothing to resume
 
 
+def set_train(root, n_records: int, **train):
+    """Keep the first n training records and override train settings in the project's params.yaml."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(train)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    train_file = root / "data/processed/address_json/train.jsonl"
+    train_file.write_text("".join(train_file.read_text().splitlines(keepends=True)[:n_records]))
+
+
+def launch(root, processes: int) -> dict:
+    """The stage as the notebook runs it: `accelerate launch` with N processes (gloo on CPU)."""
+    env = {**os.environ, "TUNEFORGE_ROOT": str(root), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+    if processes > 1:
+        cmd.append("--multi_gpu")  # accelerate's multi-process launcher; without a GPU it runs DDP over gloo
+    done = subprocess.run([*cmd, "-m", "tuneforge.stages.train", "--task", "address_json"], env=env,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((root / "metrics/address_json/train.json").read_text())
+    metrics["adapter"] = load_file(root / "models/address_json/adapter/adapter_model.safetensors")
+    return metrics
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_root):
+    """DDP through accelerate (2 processes x batch 2) against 1 process x batch 2 x 2 accumulation steps,
+    across an epoch boundary: the same rows every step, the same token-mean loss, the same adapter."""
+    common = {"packing": False, "batch_size": 2, "max_steps": 0, "epochs": 1.5, "eval_every": 3, "checkpoint_every": 100,
+              "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
+    set_train(tiny_root, 16, grad_accum=2, **common)
+    one = launch(tiny_root, 1)
+    shutil.rmtree(tiny_root / "models/address_json")
+    set_train(tiny_root, 16, grad_accum=1, **common)
+    two = launch(tiny_root, 2)
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["steps_per_epoch"] == two["steps_per_epoch"] == 4  # 16 rows / (2 x 2) a step
+    assert one["steps"] == two["steps"] == 6 and one["tokens_seen"] == two["tokens_seen"]
+    assert two["best_eval_loss"] == pytest.approx(one["best_eval_loss"], abs=1e-4)
+    assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], abs=1e-4)
+    assert one["adapter"].keys() == two["adapter"].keys()
+    for name in one["adapter"]:
+        torch.testing.assert_close(two["adapter"][name], one["adapter"][name], atol=1e-4, rtol=1e-3)
+
+
+def test_two_processes_finish_an_odd_batch_count(tiny_root):
+    """3 batches an epoch over 2 processes: the second process's last step is completed with the epoch's
+    first rows (accelerate's even_batches) instead of leaving it without a batch; both ranks finish."""
+    set_train(tiny_root, 6, packing=False, batch_size=2, grad_accum=1, max_steps=0, epochs=2, eval_every=2,
+              checkpoint_every=100)
+    two = launch(tiny_root, 2)
+    assert two["steps_per_epoch"] == 2 and two["steps"] == two["planned_steps"] == 4
+    assert two["final_train_loss"] > 0 and two["stop_reason"] == "epochs"
+
+
+def test_auto_mode_decides_by_memory(base_model_dir):
+    from tuneforge.core.modeling import bf16_weight_bytes
+    from tuneforge.core.params import TrainSpec
+
+    weights = bf16_weight_bytes(base_model_dir)
+    assert 0.2e9 < weights < 0.4e9  # SmolLM2-135M: 135M parameters x 2 bytes
+    cuda = torch.device("cuda", 0)
+    roomy = choose_mode(TrainSpec(), base_model_dir, cuda, free_bytes=140 * 10**9)
+    assert roomy.name == "lora" and roomy.dtype == torch.bfloat16 and "LoRA in bf16" in roomy.reason
+    tight = choose_mode(TrainSpec(), base_model_dir, cuda, free_bytes=weights * 2)
+    assert tight.name == "qlora" and "QLoRA" in tight.reason
+    forced = choose_mode(TrainSpec(mode="qlora"), base_model_dir, cuda, free_bytes=140 * 10**9)
+    assert forced.name == "qlora" and "forced" in forced.reason
+    assert choose_mode(TrainSpec(), base_model_dir, torch.device("cpu")).name == "lora"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (QLoRA path)")
 def test_qlora_on_cuda(tiny_root):
     from tuneforge.stages.train import train_task
 
-    metrics = train_task("address_json", load_params(tiny_root / "params.yaml"))
-    assert metrics["mode"] == "qlora" and metrics["device"] == "cuda"
+    params = load_params(tiny_root / "params.yaml")
+    params.train.mode = "qlora"
+    metrics = train_task("address_json", params)
+    assert metrics["mode"] == "qlora" and metrics["device"].startswith("cuda")
     assert metrics["best_eval_loss"] < metrics["base_eval_loss"]
     assert (tiny_root / "models/address_json/adapter/adapter_model.safetensors").exists()
+
+
+def test_profiles_rewrite_only_their_lines_and_round_trip(tmp_path, repo_root, monkeypatch):
+    from tuneforge.core.params import ParamsError, apply_profile
+
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(repo_root / "profiles", tmp_path / "profiles")
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.setenv("TUNEFORGE_ROOT", str(tmp_path))
+    original = (tmp_path / "params.yaml").read_text()
+    changes = apply_profile("gpu")
+    gpu = load_params(tmp_path / "params.yaml")
+    assert gpu.train.max_steps == 0 and gpu.train.epochs > 1 and gpu.train.max_seq_len > 256
+    assert "train.max_steps: 40 -> 0" in changes
+    assert len(changes) == sum(a != b for a, b in zip(original.splitlines(), (tmp_path / "params.yaml").read_text().splitlines()))
+    apply_profile("cpu")
+    assert (tmp_path / "params.yaml").read_text() == original  # byte for byte, comments included
+    with pytest.raises(ParamsError, match="no such profile"):
+        apply_profile("tpu")

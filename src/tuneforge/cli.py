@@ -13,7 +13,10 @@ def main(argv: list[str] | None = None) -> int:
     nb.add_argument("name", help="notebook name without .ipynb, e.g. 01_data_audit")
     nb.add_argument("--task", help="task name from params.yaml")
     sub.add_parser("base-model", help="save model.base as safetensors in models/base")
-    sub.add_parser("index", help="write reports/index.html, the stakeholder summary of every task")
+    pr = sub.add_parser("profile", help="write a settings profile (profiles/<name>.yaml, e.g. gpu or cpu) into params.yaml")
+    pr.add_argument("name")
+    sub.add_parser("index", help="write reports/index.html, the stakeholder summary of every task, and each "
+                                 "task's model card in reports/model_cards/")
     sv = sub.add_parser("serve", help="serve a task's GGUF (OpenAI-compatible API), logging every request")
     sv.add_argument("--task", required=True)
     sv.add_argument("--host", default="127.0.0.1", help="loopback by default: nothing is exposed")
@@ -32,10 +35,17 @@ def main(argv: list[str] | None = None) -> int:
 
         save_base()
         return 0
+    if args.command == "profile":
+        from tuneforge.core.params import apply_profile
+
+        changes = apply_profile(args.name)
+        print("\n".join(changes) if changes else f"params.yaml already matches profile {args.name}")
+        return 0
     if args.command == "index":
         from tuneforge.report.index import build_index
 
-        print(f"wrote {build_index()}")
+        index = build_index()
+        print(f"wrote {index} and the model cards in {index.parent / 'model_cards'}")
         return 0
     if args.command == "serve":
         from tuneforge.core.params import ParamsError

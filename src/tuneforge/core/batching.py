@@ -71,14 +71,50 @@ def collate_padded(examples: list[Rendered], pad_id: int) -> dict[str, torch.Ten
             "tokens": torch.tensor(sum(len(ex.input_ids) for ex in examples))}
 
 
-def make_batches(examples: list[Rendered], spec: TrainSpec, pad_id: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """One epoch of batches in a seeded order (so a resumed run sees the same batches)."""
-    order = np.random.default_rng(seed).permutation(len(examples))
-    shuffled = [examples[i] for i in order]
-    if spec.packing:
-        rows = pack(shuffled, spec.max_seq_len)
-        return [collate_packed(rows[i : i + spec.batch_size], pad_id) for i in range(0, len(rows), spec.batch_size)]
-    return [collate_padded(shuffled[i : i + spec.batch_size], pad_id) for i in range(0, len(shuffled), spec.batch_size)]
+class TrainRows(torch.utils.data.Dataset):
+    """The training set as the units a batch is made of, built once for the whole run.
+
+    With packing, examples are packed once (in a seeded order) into rows of up to max_seq_len tokens;
+    without, each example is a row. The DataLoader's seeded sampler then shuffles rows every epoch, so
+    a training step's host work is collating its own rows, whatever the dataset's size.
+    """
+
+    def __init__(self, examples: list[Rendered], spec: TrainSpec, seed: int):
+        order = np.random.default_rng(seed).permutation(len(examples))
+        shuffled = [examples[i] for i in order]
+        self.rows: list[list[Rendered]] = pack(shuffled, spec.max_seq_len) if spec.packing else [[ex] for ex in shuffled]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[Rendered]:
+        return self.rows[i]
+
+
+class StepCollator:
+    """One DataLoader item = one optimizer step on this process: its rows, cut into micro-batches of
+    `batch_size` rows, with the step's token counts computed on the host (no device sync to learn them)."""
+
+    def __init__(self, batch_size: int, pad_id: int, packing: bool):
+        self.batch_size, self.pad_id, self.packing = batch_size, pad_id, packing
+
+    def __call__(self, rows: list[list[Rendered]]) -> dict:
+        micro = []
+        for i in range(0, len(rows), self.batch_size):
+            chunk = rows[i : i + self.batch_size]
+            batch = collate_packed(chunk, self.pad_id) if self.packing else collate_padded([r[0] for r in chunk], self.pad_id)
+            del batch["tokens"]  # counted below as plain ints
+            micro.append(batch)
+        return {"micro_batches": micro,
+                "tokens": sum(len(ex.input_ids) for row in rows for ex in row),
+                "trained_tokens": sum(ex.trained_tokens for row in rows for ex in row)}
+
+
+def eval_batches(examples: list[Rendered], spec: TrainSpec, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Validation batches, built once, in file order."""
+    rows = pack(examples, spec.max_seq_len) if spec.packing else [[ex] for ex in examples]
+    collate = StepCollator(spec.batch_size, pad_id, spec.packing)
+    return [b for i in range(0, len(rows), spec.batch_size) for b in collate(rows[i : i + spec.batch_size])["micro_batches"]]
 
 
 def causal_lm(model):
@@ -86,10 +122,10 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(summed cross-entropy over trained tokens, number of trained tokens).
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over the trained (answer) tokens; no host sync.
 
-    The LM head runs only on positions that carry loss: with a 49k vocabulary it is the
+    The LM head runs only on positions that carry loss: with a 49k-128k vocabulary it is the
     most expensive matmul, and most positions (prompts, padding) carry none.
     """
     lm = causal_lm(model)
@@ -101,7 +137,28 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=targets.device.type == "cuda"):
         hidden = lm.base_model(**inputs).last_hidden_state[:, :-1]  # the decoder, whatever the architecture names it
         logits = lm.get_output_embeddings()(hidden[keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over trained tokens, number of trained tokens)."""
+    return answer_loss(model, batch), int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+class AnswerLoss(torch.nn.Module):
+    """The (PEFT) model behind a forward that returns the summed answer-token loss.
+
+    accelerate wraps this module (DDP, FSDP), so every training forward runs through the wrapper's own
+    forward, which DDP needs to set up its gradient all-reduce; inside, loss_sum still runs the LM head
+    only on positions that carry loss.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return answer_loss(self.model, batch)
 
 
 @torch.no_grad()

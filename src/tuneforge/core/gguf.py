@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from tuneforge.core.chat import prompt_text
 
@@ -59,8 +60,9 @@ def last_logits(llm) -> np.ndarray:
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
-def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, grammars: list[str] | None = None) -> GgufRun:
-    """Greedy answers to each record's conversation minus its last (reference) message.
+def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, desc: str | None = None,
+                  grammars: list[str] | None = None) -> GgufRun:
+    """Greedy answers to each record's conversation minus its last (reference) message; with desc, a progress bar.
 
     The prompt is the HF tokenizer's chat-template rendering, fed as token ids, so the GGUF model reads exactly
     the tokens the HF model read in evaluation; create_chat_completion re-renders and re-tokenizes inside llama.cpp.
@@ -70,7 +72,7 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, gram
 
     eos = tokenizer.eos_token_id
     results = []
-    for i, record in enumerate(records):
+    for i, record in enumerate(tqdm(records, desc=desc, unit="answer", disable=desc is None)):
         matcher = GrammarMatcher(tokenizer, llm.n_vocab(), grammars[i]) if grammars is not None else None
         ids = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False)["input_ids"]
         llm.reset()

@@ -3,6 +3,7 @@ and dtype they run with."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -47,3 +48,21 @@ def load_causal_lm(model_dir: Path, *, dtype: torch.dtype, device: str, load_in_
     if not load_in_4bit:
         model.to(device)
     return model
+
+
+def bf16_weight_bytes(model_dir: Path) -> int:
+    """What the base's weights take in bf16, read from the safetensors headers (nothing is loaded)."""
+    from safetensors import safe_open
+
+    numel = 0
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                numel += math.prod(f.get_slice(name).get_shape())
+    if not numel:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (run the base_model stage)")
+    return 2 * numel
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0]

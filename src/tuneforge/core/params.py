@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tuneforge.core.paths import repo_root
 
@@ -117,7 +125,12 @@ class LoraSpec(Strict):
 
 
 class TrainSpec(Strict):
-    mode: Literal["auto", "qlora", "lora"] = Field("auto", description="auto: QLoRA on CUDA, LoRA on CPU")
+    mode: Literal["auto", "qlora", "lora"] = Field(
+        "auto", description="auto: on a GPU, LoRA in bf16 when the base fits comfortably (auto_lora_max_memory_share), "
+        "else QLoRA; LoRA on a CPU")
+    auto_lora_max_memory_share: float = Field(
+        0.25, gt=0, le=1, description="auto: LoRA in bf16 when the bf16 weights take at most this share of free GPU "
+        "memory (the rest holds activations, logits and optimizer state); QLoRA otherwise")
     max_seq_len: int = Field(256, ge=16)
     packing: StrictBool = True
     lora: LoraSpec = LoraSpec()
@@ -126,7 +139,7 @@ class TrainSpec(Strict):
     weight_decay: float = Field(0.0, ge=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(0, ge=0, description="0: run the given epochs")
-    batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
+    batch_size: int = Field(8, ge=1, description="rows (packed sequences) per micro-batch, per process")
     grad_accum: int = Field(1, ge=1)
     gradient_checkpointing: StrictBool = False
     eval_every: int = Field(10, ge=1)
@@ -135,6 +148,9 @@ class TrainSpec(Strict):
     checkpoint_every: int = Field(10, ge=1)
     seed: int = 13
     num_processes: int = Field(1, ge=1, description=">1: the notebook runs `accelerate launch` on that many GPUs (DDP)")
+    accelerate_config: str = Field(
+        "", description="optional `accelerate config` file passed to `accelerate launch --config_file` (FSDP, several "
+        "machines); relative to the repository root")
 
 
 class EvaluateSpec(Strict):
@@ -228,8 +244,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_absolute():
         path = repo_root() / path
+    return load_params_text(path.read_text(encoding="utf-8"), path)
+
+
+def load_params_text(text: str, path: Path) -> Params:
+    """Validate params.yaml's text; `path` names the file in error messages."""
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -252,3 +273,54 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             where = ".".join(str(p) for p in e["loc"])
             lines.append(f"  {where}: {e['msg']}")
         raise ParamsError("\n".join(lines)) from None
+
+
+def profiles_dir() -> Path:
+    return repo_root() / "profiles"
+
+
+def _key_line(lines: list[str], section: str, key: str, where: Path) -> int:
+    """Index of the one line holding `section: ... key: value` (a key nested one level in a section)."""
+    start = next((i for i, line in enumerate(lines) if re.match(rf"{re.escape(section)}:\s*(#.*)?$", line)), None)
+    if start is None:
+        raise ParamsError(f"{where}: no section {section!r}")
+    for i in range(start + 1, len(lines)):
+        if re.match(r"[^\s#]", lines[i]):  # the next top-level section
+            break
+        if m := re.match(rf"(\s+){re.escape(key)}:", lines[i]):
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            if nxt.strip() and not nxt.lstrip().startswith("#") and len(nxt) - len(nxt.lstrip()) > len(m.group(1)):
+                raise ParamsError(f"{where}:{i + 1}: {section}.{key} spans several lines; profiles replace one-line settings")
+            return i
+    raise ParamsError(f"{where}: no setting {section}.{key}")
+
+
+def apply_profile(name: str, path: str | Path = "params.yaml") -> list[str]:
+    """Write the settings of profiles/<name>.yaml into params.yaml.
+
+    Each setting the profile lists (`section: {key: value}`) replaces that setting's line in params.yaml,
+    comment included; every other line stays byte for byte. The result is validated before it is
+    written. Returns the changes, as `section.key: old -> new`.
+    """
+    path = Path(path) if Path(path).is_absolute() else repo_root() / path
+    profile_file = profiles_dir() / f"{name}.yaml"
+    if not profile_file.exists():
+        known = sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+        raise ParamsError(f"{profile_file}: no such profile (known: {known})")
+    profile_lines = profile_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    profile = yaml.safe_load("".join(profile_lines)) or {}
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    before = yaml.safe_load("".join(lines))
+    changed = []
+    for section, settings in profile.items():
+        for key, value in settings.items():
+            new_line = profile_lines[_key_line(profile_lines, section, key, profile_file)]
+            lines[_key_line(lines, section, key, path)] = new_line if new_line.endswith("\n") else new_line + "\n"
+            if before[section][key] != value:
+                changed.append(f"{section}.{key}: {before[section][key]} -> {value}")
+    text = "".join(lines)
+    load_params_text(text, path)
+    after = yaml.safe_load(text)
+    assert all(after[s][k] == v for s, settings in profile.items() for k, v in settings.items())
+    path.write_text(text, encoding="utf-8")
+    return changed

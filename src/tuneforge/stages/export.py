@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from tuneforge.core.chat import prompt_text
 from tuneforge.core.constraints import grammars_for
@@ -108,12 +109,12 @@ def quantize_gguf(in_file: Path, out_file: Path, qtype: str) -> Path:
 
 
 @torch.no_grad()
-def next_token_parity(hf_model, tokenizer, llm, records: list[dict]) -> dict:
+def next_token_parity(hf_model, tokenizer, llm, records: list[dict], desc: str = "next-token parity") -> dict:
     """Teacher-forced on each reference answer: top-1 agreement and mean KL(HF || GGUF) per answer token."""
     if not llm._logits_all:  # without it Llama.scores holds no per-position logits, only stale memory
         raise ValueError("next_token_parity needs a model loaded with load_llama(..., logits_all=True)")
     agree, kls, count = 0, [], 0
-    for record in records:
+    for record in tqdm(records, desc=desc, unit="answer"):
         prompt = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False)["input_ids"]
         # Tokenized apart from the prompt, as chat.render does for training.
         answer = tokenizer(record["messages"][-1]["content"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
@@ -136,7 +137,7 @@ def next_token_parity(hf_model, tokenizer, llm, records: list[dict]) -> dict:
 def hf_speed(hf_model, tokenizer, records: list[dict], max_new_tokens: int) -> dict:
     """The HF model's prompt and generation tokens/s on the same prompts, one at a time like llama.cpp."""
     n_prompt, n_gen, t_prompt, t_gen = 0, 0, 0.0, 0.0
-    for record in records:
+    for record in tqdm(records, desc="HF model speed", unit="prompt"):
         enc = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False, return_tensors="pt")
         start = time.perf_counter()
         hf_model(**enc)
@@ -156,9 +157,12 @@ def hf_speed(hf_model, tokenizer, records: list[dict], max_new_tokens: int) -> d
 def export_all(merged_dir: Path, gguf_dir: Path, quantizations: list[str]) -> dict[str, Path]:
     """f16 with the converter, then each quantization from the f16 file."""
     files = gguf_files(gguf_dir, quantizations)
-    convert_to_gguf(merged_dir, files["f16"], "f16")
-    for q in quantizations:
-        quantize_gguf(files["f16"], files[q], q)
+    with tqdm(total=len(files), desc="GGUF files (f16, then each quantization)", unit="file") as bar:
+        convert_to_gguf(merged_dir, files["f16"], "f16")
+        bar.update()
+        for q in quantizations:
+            quantize_gguf(files["f16"], files[q], q)
+            bar.update()
     return files
 
 
@@ -229,9 +233,10 @@ def run_export(task: str, params: Params) -> ExportResult:
     outputs = {}
     for name, path in files.items():
         run = generate_gguf(load_llama(path, n_threads=cfg.n_threads), tokenizer, records, spec.max_new_tokens,
+                            desc=f"GGUF {name} answers",
                             grammars=grammars_for(spec.output, records))  # decoded as evaluated and served
         parity = next_token_parity(hf_model, tokenizer, load_llama(path, logits_all=True, n_threads=cfg.n_threads),
-                                   records[: cfg.parity_rows])
+                                   records[: cfg.parity_rows], desc=f"GGUF {name} next-token parity")
         score = score_outputs(spec, records, run.outputs)[primary]
         outputs[name] = run.outputs
         table.append({"model": f"GGUF {name}", "file": str(path.relative_to(repo_root())),

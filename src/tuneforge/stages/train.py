@@ -5,13 +5,14 @@
     -> checkpoint every `checkpoint_every` steps (rerun resumes from it)
 
 The same code runs on one CPU, one GPU or several GPUs: launched with
-`accelerate launch --num_processes N -m tuneforge.stages.train --task T`, each process takes
-every N-th batch and accelerate averages the gradients (DDP).
+`accelerate launch --num_processes N -m tuneforge.stages.train --task T`, accelerate prepares the
+model (DDP), the optimizer and the DataLoader (each process gets its share of every epoch's steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -25,21 +26,29 @@ import torch
 from tqdm import tqdm
 
 from tuneforge.core.batching import (
+    AnswerLoss,
+    StepCollator,
+    TrainRows,
     causal_lm,
+    eval_batches,
     evaluate_loss,
-    loss_sum,
-    make_batches,
     render_records,
 )
-from tuneforge.core.chat import IGNORE
 from tuneforge.core.modeling import (
+    bf16_weight_bytes,
     compute_dtype,
+    free_gpu_bytes,
     load_causal_lm,
     load_tokenizer,
-    pick_device,
 )
 from tuneforge.core.params import Params, TrainSpec, load_params
-from tuneforge.core.paths import base_model_dir, metrics_file, models_dir, processed_dir, train_history_file
+from tuneforge.core.paths import (
+    base_model_dir,
+    metrics_file,
+    models_dir,
+    processed_dir,
+    train_history_file,
+)
 from tuneforge.core.records import read_jsonl, write_metrics
 
 # ---------------------------------------------------------------- mode
@@ -50,23 +59,34 @@ class Mode:
     name: str  # "qlora" or "lora"
     device: str
     dtype: torch.dtype
+    reason: str = ""
 
 
-def choose_mode(spec: TrainSpec) -> Mode:
-    """QLoRA (4-bit NF4, bf16 compute) on CUDA; plain LoRA on CPU.
+def choose_mode(spec: TrainSpec, model_dir: Path, device: torch.device, free_bytes: int | None = None) -> Mode:
+    """`auto` decides by memory: LoRA in bf16 when the base fits the GPU comfortably, QLoRA when it does not.
 
-    On a 2-core CPU, LoRA measured faster than bitsandbytes 4-bit (which dequantises
-    every matmul), so `auto` picks LoRA there, in bf16 only where the CPU has bf16 units.
+    4-bit weights cost speed and quality (a 135M base on an H200 lost 11 points of exact match to QLoRA
+    and ran 26% slower), so they are worth it only where bf16 weights would crowd the GPU. On a CPU,
+    LoRA measured faster than bitsandbytes 4-bit (which dequantises every matmul), in bf16 only where
+    the CPU has bf16 units. `free_bytes` is the free memory of the tightest GPU (several processes).
     """
-    device = pick_device()
-    name = spec.mode if spec.mode != "auto" else ("qlora" if device == "cuda" else "lora")
-    return Mode(name, device, compute_dtype(device))
+    dtype = compute_dtype(device.type)
+    if spec.mode != "auto":
+        return Mode(spec.mode, str(device), dtype, f"forced by train.mode: {spec.mode}")
+    if device.type != "cuda":
+        return Mode("lora", str(device), dtype, "auto: no GPU, so LoRA (bitsandbytes 4-bit is slower on a CPU)")
+    weights = bf16_weight_bytes(model_dir)
+    free = free_bytes if free_bytes is not None else free_gpu_bytes(device)
+    share = weights / free
+    fits = share <= spec.auto_lora_max_memory_share
+    verdict = "LoRA in bf16" if fits else "QLoRA (4-bit NF4)"
+    return Mode("lora" if fits else "qlora", str(device), dtype,
+                f"auto: bf16 weights {weights / 1e9:.2f} GB are {share:.1%} of {free / 1e9:.1f} GB free GPU memory "
+                f"({'within' if fits else 'above'} train.auto_lora_max_memory_share {spec.auto_lora_max_memory_share:.0%}): "
+                f"{verdict}")
 
 
-# ---------------------------------------------------------------- data
-
-
-# ---------------------------------------------------------------- loss
+# ---------------------------------------------------------------- schedule
 
 
 def lr_at(step: int, total: int, spec: TrainSpec) -> float:
@@ -89,11 +109,13 @@ def build_model(params: Params, mode: Mode, model_dir: Path | None = None):
     model = load_causal_lm(model_dir or base_model_dir(), dtype=mode.dtype, device=mode.device, load_in_4bit=mode.name == "qlora",
                            trust_remote_code=params.model.trust_remote_code)
     model.config.use_cache = False
+    # Non-reentrant checkpointing: the reentrant kind breaks DDP's gradient hooks and needs input grads.
+    checkpointing = {"use_reentrant": False}
     if mode.name == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=checkpointing)
     elif spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                       target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
@@ -153,117 +175,169 @@ def load_checkpoint(folder: Path, model, optimizer, expected_fingerprint: str, b
 
 
 def train_task(task: str, params: Params | None = None) -> dict:
-    """Train one task's adapter; returns the metrics also written to reports/<task>/train.json."""
-    from accelerate import Accelerator
+    """Train one task's adapter; returns the metrics also written to metrics/<task>/train.json."""
+    from accelerate import Accelerator, DataLoaderConfiguration
 
     params = params or load_params()
     spec = params.train
-    mode = choose_mode(spec)
-    accelerator = Accelerator(cpu=mode.device == "cpu")
-    if accelerator.num_processes > 1:
-        mode.device = str(accelerator.device)
+    # The seedable sampler reshuffles rows with seed + epoch on every process alike; even_batches completes
+    # an epoch's last step on every process (with the epoch's first rows) when steps do not divide evenly,
+    # so no process is left without a batch while the others wait in an all-reduce.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=spec.seed,
+                                                                        even_batches=True))
     is_main = accelerator.is_main_process
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
+
+    free = None
+    if accelerator.device.type == "cuda":  # the tightest GPU decides, so every process picks the same mode
+        free = int(accelerator.gather(torch.tensor([free_gpu_bytes(accelerator.device)], device=accelerator.device)).min())
+    mode = choose_mode(spec, base_model_dir(), accelerator.device, free)
 
     tokenizer = load_tokenizer(base_model_dir())
     data = processed_dir(task)
     train_examples = render_records(tokenizer, read_jsonl(data / "train.jsonl"), spec.max_seq_len)
     eval_examples = render_records(tokenizer, read_jsonl(data / "validation.jsonl")[: spec.eval_rows], spec.max_seq_len)
-    eval_batches = make_batches(eval_examples, spec, tokenizer.pad_token_id, seed=0)
+    validation = eval_batches(eval_examples, spec, tokenizer.pad_token_id)
+
+    # Rows are packed once; one DataLoader item is one optimizer step on one process (grad_accum micro-batches).
+    rows = TrainRows(train_examples, spec, seed=spec.seed)
+    # Its own generator: starting an epoch's iterator then draws nothing from the global RNG (which dropout
+    # uses), so a resumed run, restoring that RNG from its checkpoint, continues exactly.
+    loader = torch.utils.data.DataLoader(rows, batch_size=spec.batch_size * spec.grad_accum, shuffle=True,
+                                         generator=torch.Generator().manual_seed(spec.seed),
+                                         collate_fn=StepCollator(spec.batch_size, tokenizer.pad_token_id, spec.packing))
 
     model = build_model(params, mode)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate,
                                   weight_decay=spec.weight_decay)
-    # No DDP wrapper: loss_sum calls the decoder and head directly, which would bypass DDP's gradient
-    # hooks. Each process computes its batches' LoRA gradients; they are averaged before the step.
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # The forward goes through accelerate's wrapper (DDP): AnswerLoss's forward is the masked loss.
+    # The model is already on its device (QLoRA's 4-bit weights must not be moved again).
+    loss_model, optimizer, loader = accelerator.prepare(AnswerLoss(model), optimizer, loader,
+                                                        device_placement=[False, True, True])
 
-    batches_per_epoch = len(make_batches(train_examples, spec, tokenizer.pad_token_id, seed=spec.seed))
-    steps_per_epoch = max(1, batches_per_epoch // (spec.grad_accum * accelerator.num_processes))
+    steps_per_epoch = len(loader)  # this process's steps, from the real batch count (even across processes)
     total_steps = spec.max_steps or math.ceil(spec.epochs * steps_per_epoch)
 
     out = models_dir(task)
     adapter_dir, checkpoint_dir = out / "adapter", out / "checkpoints" / "last"
-    fp = fingerprint(params, task, data / "train.jsonl")
+    fp = fingerprint(params, task, data / "train.jsonl") + f"-p{accelerator.num_processes}"
     state = load_checkpoint(checkpoint_dir, model, optimizer, fp, adapter_dir) or {
         "fingerprint": fp, "step": 0, "tokens_seen": 0, "best_eval_loss": None, "best_step": 0,
         "bad_evals": 0, "history": [], "train_seconds": 0.0,
     }
     resumed_from = state["step"]
+
+    def validation_loss() -> float:
+        # Every process scores the same batches; the mean makes the value (and early stopping) identical on all.
+        loss = evaluate_loss(model, validation, str(accelerator.device))
+        return float(accelerator.reduce(torch.tensor([loss], device=accelerator.device), reduction="mean"))
+
     if state["step"] == 0:
-        base_loss = evaluate_loss(model, eval_batches, mode.device)
+        base_loss = validation_loss()
         state["history"].append({"step": 0, "tokens_seen": 0, "train_loss": None, "eval_loss": base_loss, "lr": 0.0})
         state["base_eval_loss"] = base_loss
         if is_main:
             model.save_pretrained(adapter_dir)  # the untrained adapter is "best" so far
         state["best_eval_loss"] = base_loss
 
-    if mode.device == "cuda":
+    # The best adapter so far stays in host memory and is written at checkpoints and at the end: writing it at
+    # every better evaluation cost seconds a time on a 1B base (r 64 on every linear layer is ~45M weights).
+    best: dict[str, torch.Tensor] | None = None
+
+    def write_best() -> None:
+        if is_main and best is not None:
+            model.save_pretrained(adapter_dir, state_dict=best)
+
+    if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model.train()
+    loss_model.train()
+    eval_seconds = checkpoint_seconds = 0.0
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {task}", disable=not is_main, mininterval=5)
     started = time.perf_counter()
     tokens_at_start = state["tokens_seen"]
     stop_reason = "max_steps" if spec.max_steps else "epochs"
-    while state["step"] < total_steps:
-        step = state["step"]
-        epoch, first = divmod(step * spec.grad_accum * accelerator.num_processes, batches_per_epoch)
-        epoch_batches = make_batches(train_examples, spec, tokenizer.pad_token_id, seed=spec.seed + epoch)
-        wanted = epoch_batches[first : first + spec.grad_accum * accelerator.num_processes]
-        mine = wanted[accelerator.process_index :: accelerator.num_processes]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total_steps, spec)
-        step_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in mine)
-        loss_value = 0.0
-        for batch in mine:
-            batch = {k: v.to(mode.device) for k, v in batch.items()}
-            s, _ = loss_sum(model, batch)
-            loss = s / max(1, step_tokens)  # token-mean over the whole step, whatever the micro-batches
-            loss.backward()
-            loss_value += loss.item()
-            state["tokens_seen"] += int(batch["tokens"]) * accelerator.num_processes
-        if accelerator.num_processes > 1:
-            for p in trainable:
-                p.grad = accelerator.reduce(p.grad, reduction="mean")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] = step + 1
-        elapsed = time.perf_counter() - started
-        tokens_per_s = (state["tokens_seen"] - tokens_at_start) / max(elapsed, 1e-9)
-        record = {"step": state["step"], "tokens_seen": state["tokens_seen"], "train_loss": loss_value,
-                  "eval_loss": None, "lr": lr_at(step, total_steps, spec)}
-        if state["step"] % spec.eval_every == 0 or state["step"] == total_steps:
-            record["eval_loss"] = evaluate_loss(model, eval_batches, mode.device)
-            if record["eval_loss"] < state["best_eval_loss"]:
-                state.update(best_eval_loss=record["eval_loss"], best_step=state["step"], bad_evals=0)
-                if is_main:
-                    model.save_pretrained(adapter_dir)
-            else:
-                state["bad_evals"] += 1
-        state["history"].append(record)
-        bar.set_postfix(loss=f"{loss_value:.3f}", eval=f"{state['best_eval_loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
-        bar.update(1)
-        if state["bad_evals"] >= spec.early_stopping_patience:
-            stop_reason = f"early stopping: no better validation loss in {spec.early_stopping_patience} evaluations"
-            break
-        if is_main and state["step"] % spec.checkpoint_every == 0 and state["step"] < total_steps:
-            save_checkpoint(checkpoint_dir, model, optimizer, {**state, "train_seconds": state["train_seconds"] + elapsed},
-                            adapter_dir)
+    while state["step"] < total_steps and stop_reason in ("max_steps", "epochs"):
+        epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
+        loader.set_epoch(epoch)
+        # A resumed run skips the steps this epoch already took; the sampler's seed + epoch gives the same order.
+        epoch_steps = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
+        for item in epoch_steps:
+            step = state["step"]
+            lr = lr_at(step, total_steps, spec)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # The loss is the token mean over the whole global step, whatever the micro-batches and processes:
+            # each process scales its summed loss by N / (all processes' trained tokens), since DDP averages.
+            trained, tokens = item["trained_tokens"], item["tokens"]
+            if accelerator.num_processes > 1:
+                counts = torch.tensor([trained, tokens], device=accelerator.device)
+                trained, tokens = (int(c) for c in accelerator.reduce(counts, reduction="sum"))
+            scale = accelerator.num_processes / max(1, trained)
+            loss_value = torch.zeros((), device=accelerator.device)
+            micro = item["micro_batches"]
+            for i, batch in enumerate(micro):
+                # Gradients are all-reduced once a step, on its last micro-batch.
+                sync = accelerator.no_sync(loss_model) if i < len(micro) - 1 else contextlib.nullcontext()
+                with sync:
+                    loss = loss_model(batch) * scale
+                    accelerator.backward(loss)
+                loss_value += loss.detach()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step + 1
+            state["tokens_seen"] += tokens
+            # This process's share of the step's mean loss, summed over processes.
+            train_loss = float(accelerator.reduce(loss_value, reduction="sum")) / accelerator.num_processes
+            record = {"step": state["step"], "tokens_seen": state["tokens_seen"], "train_loss": train_loss,
+                      "eval_loss": None, "lr": lr}
+            if state["step"] % spec.eval_every == 0 or state["step"] == total_steps:
+                eval_started = time.perf_counter()
+                record["eval_loss"] = validation_loss()
+                if record["eval_loss"] < state["best_eval_loss"]:
+                    state.update(best_eval_loss=record["eval_loss"], best_step=state["step"], bad_evals=0)
+                    if is_main:
+                        best = {k: v.detach().to("cpu", copy=True) for k, v in model.named_parameters() if v.requires_grad}
+                else:
+                    state["bad_evals"] += 1
+                eval_seconds += time.perf_counter() - eval_started
+            state["history"].append(record)
+            elapsed = time.perf_counter() - started
+            tokens_per_s = (state["tokens_seen"] - tokens_at_start) / max(elapsed, 1e-9)
+            bar.set_postfix(loss=f"{train_loss:.3f}", eval=f"{state['best_eval_loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            bar.update(1)
+            if state["bad_evals"] >= spec.early_stopping_patience:
+                stop_reason = f"early stopping: no better validation loss in {spec.early_stopping_patience} evaluations"
+                break
+            if state["step"] >= total_steps:
+                break
+            if is_main and state["step"] % spec.checkpoint_every == 0:
+                checkpoint_started = time.perf_counter()
+                write_best()
+                save_checkpoint(checkpoint_dir, model, optimizer,
+                                {**state, "train_seconds": state["train_seconds"] + elapsed}, adapter_dir)
+                checkpoint_seconds += time.perf_counter() - checkpoint_started
     bar.close()
-    state["train_seconds"] += time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    state["train_seconds"] += elapsed
+    write_best()
 
     metrics = {
-        "task": task, "mode": mode.name, "device": mode.device, "dtype": str(mode.dtype).replace("torch.", ""),
+        "task": task, "mode": mode.name, "mode_reason": mode.reason, "device": str(accelerator.device),
+        "dtype": str(mode.dtype).replace("torch.", ""),
         "processes": accelerator.num_processes, "steps": state["step"], "planned_steps": total_steps,
-        "stop_reason": stop_reason, "resumed_from_step": resumed_from,
-        "train_examples": len(train_examples), "tokens_seen": state["tokens_seen"],
-        "tokens_per_second": (state["tokens_seen"] - tokens_at_start) / max(time.perf_counter() - started, 1e-9),
+        "steps_per_epoch": steps_per_epoch, "stop_reason": stop_reason, "resumed_from_step": resumed_from,
+        "train_examples": len(train_examples), "train_rows": len(rows), "tokens_seen": state["tokens_seen"],
+        "tokens_per_second": (state["tokens_seen"] - tokens_at_start) / max(elapsed, 1e-9),
+        # the same without validation and checkpoint time: the training steps alone
+        "step_tokens_per_second": (state["tokens_seen"] - tokens_at_start) / max(elapsed - eval_seconds - checkpoint_seconds, 1e-9),
+        "eval_seconds": eval_seconds, "checkpoint_seconds": checkpoint_seconds,
         "wall_seconds": state["train_seconds"],
         "base_eval_loss": state["base_eval_loss"], "best_eval_loss": state["best_eval_loss"],
         "best_step": state["best_step"],
         "final_train_loss": next((h["train_loss"] for h in reversed(state["history"]) if h["train_loss"] is not None), None),
-        "peak_memory_gb": peak_memory_gb(mode.device),
+        "peak_memory_gb": peak_memory_gb(accelerator.device.type),
     }
     if is_main:
         write_metrics(metrics_file(task, "train"), metrics)
@@ -295,7 +369,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="train one task's adapter (accelerate launch for several GPUs)")
     parser.add_argument("--task", required=True)
     args = parser.parse_args(argv)
-    print(json.dumps(train_task(args.task), indent=2))
+    from accelerate import PartialState
+
+    metrics = train_task(args.task)
+    if PartialState().is_main_process:
+        print(json.dumps(metrics, indent=2))
+    PartialState().destroy_process_group()
 
 
 if __name__ == "__main__":

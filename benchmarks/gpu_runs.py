@@ -1,0 +1,236 @@
+"""The training stage itself on GPUs, in a scratch project folder (nothing in this repository is written).
+
+    # one GPU against N, same task, model and global batch (1 GPU accumulates N micro-batches a step):
+    python benchmarks/gpu_runs.py multi-gpu --work /tmp/mg --tokenizer models/base --arch smollm2-1.7b --gpus 2
+
+    # one task through prepare -> base_model -> train -> evaluate under a profile (the stage functions directly):
+    python benchmarks/gpu_runs.py task --work /tmp/aj --task address_json --profile gpu
+
+Each prints and writes (--out) a JSON of the stage's own train.json figures (and evaluation metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scratch_project(work: Path, tasks: list[str], train: dict, profile: str | None = None) -> None:
+    """params.yaml (optionally under a profile, then `train` overrides), the tasks' raw data, prepared splits."""
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["TUNEFORGE_ROOT"] = str(work)
+    (work / "dvc.yaml").write_text("stages: {}\n")
+    shutil.copy(REPO / "params.yaml", work / "params.yaml")
+    shutil.copytree(REPO / "profiles", work / "profiles", dirs_exist_ok=True)
+    from tuneforge.core.params import apply_profile, load_params
+
+    if profile:
+        print("\n".join(apply_profile(profile)))
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["tasks"] = {t: params["tasks"][t] for t in tasks}
+    params["train"].update(train)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    from tuneforge.core.paths import processed_dir, production_dir, quarantine_file
+    from tuneforge.stages.prepare import prepare, write_prepared
+
+    p = load_params()
+    for task in tasks:
+        spec = p.task(task)
+        (work / spec.source).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / spec.source, work / spec.source)
+        write_prepared(prepare(spec, p.split, work), processed_dir(task), quarantine_file(task), production_dir(task))
+
+
+def launch(work: Path, task: str, processes: int, gpus: str) -> dict:
+    env = {**os.environ, "TUNEFORGE_ROOT": str(work), "CUDA_VISIBLE_DEVICES": gpus}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if processes > 1:
+        cmd.append("--multi_gpu")
+    started = time.perf_counter()
+    subprocess.run([*cmd, "-m", "tuneforge.stages.train", "--task", task], env=env, check=True)
+    metrics = json.loads((work / "metrics" / task / "train.json").read_text())
+    metrics["launch_wall_seconds"] = time.perf_counter() - started
+    metrics["history"] = (work / "metrics" / task / "train_history.csv").read_text()
+    shutil.rmtree(work / "models" / task)
+    return metrics
+
+
+def multi_gpu(args) -> dict:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from train_throughput import save_random_model
+
+    work = Path(args.work)
+    steps_between_evals = 1000  # validation at step 0 and at the end only: the runs time training
+    scratch_project(work, [args.task], {"mode": "auto", "max_seq_len": args.seq, "batch_size": args.batch, "max_steps": 0,
+                                        "epochs": args.epochs, "eval_every": steps_between_evals, "eval_rows": 64,
+                                        "early_stopping_patience": 100, "checkpoint_every": 100000,
+                                        "gradient_checkpointing": False})
+    base = work / "models" / "base"
+    save_random_model(args.arch, base)
+    for f in Path(args.tokenizer).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, base / f.name)
+    rows = {}
+    for n in (1, args.gpus):
+        params = yaml.safe_load((work / "params.yaml").read_text())
+        params["train"]["grad_accum"] = args.gpus // n  # the same global batch: batch x gpus rows a step
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        rows[n] = launch(work, args.task, n, ",".join(str(i) for i in range(n)))
+        print(json.dumps({k: v for k, v in rows[n].items() if k != "history"}, indent=2))
+    one, many = rows[1], rows[args.gpus]
+    return {"arch": args.arch, "task": args.task, "seq": args.seq, "micro_batch": args.batch, "epochs": args.epochs,
+            "global_batch_rows": args.batch * args.gpus, "gpus": args.gpus,
+            "speedup": many["tokens_per_second"] / one["tokens_per_second"],
+            "eval_loss_difference": many["best_eval_loss"] - one["best_eval_loss"], "one_gpu": one, "n_gpus": many}
+
+
+def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_every: int = 0) -> dict:
+    """The model step alone on the stage's shapes and settings: full rows of max_seq_len random tokens, all trained.
+
+    packed_every > 0: position_ids restart every that many tokens, as in packed rows, so attention runs with the
+    block-diagonal mask packing needs instead of the plain causal one.
+    """
+    import torch
+
+    from tuneforge.core.batching import loss_sum
+    from tuneforge.core.modeling import compute_dtype
+    from tuneforge.stages.train import Mode, build_model
+
+    spec = params.train
+    model = build_model(params, Mode("lora", "cuda", compute_dtype("cuda")), base_dir)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+        ids = torch.randint(0, model.config.vocab_size, (spec.batch_size, spec.max_seq_len), generator=g).cuda()
+        batch = {"input_ids": ids, "labels": ids}
+        if packed_every:
+            batch["position_ids"] = (torch.arange(spec.max_seq_len, device="cuda") % packed_every).expand_as(ids)
+        s, n = loss_sum(model, batch)
+        (s / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return {"tokens_per_second": steps * spec.batch_size * spec.max_seq_len / seconds, "steps": steps,
+            "packed_every": packed_every,
+            "batch": spec.batch_size, "seq": spec.max_seq_len, "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def task_run(args) -> dict:
+    work = Path(args.work)
+    overrides = {"max_steps": args.max_steps} if args.max_steps else {}
+    overrides.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.train)})
+    scratch_project(work, [args.task], overrides, profile=args.profile)
+    if args.base:  # a local Hugging Face folder as model.base; export needs the GGUF converter in vendor/
+        params = yaml.safe_load((work / "params.yaml").read_text())
+        params["model"]["base"] = str(Path(args.base).resolve())
+        params["export"].update(max_rows=args.export_rows, parity_rows=min(args.export_rows, 40))
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if (REPO / "vendor").exists() and not (work / "vendor").exists():
+        (work / "vendor").symlink_to((REPO / "vendor").resolve())
+    from tuneforge.core.params import load_params
+    from tuneforge.core.paths import base_model_dir, models_dir, processed_dir
+    from tuneforge.core.records import read_jsonl
+    from tuneforge.stages.base_model import save_base_model
+    from tuneforge.stages.evaluate import run_evaluation
+    from tuneforge.stages.train import train_task
+
+    params = load_params()
+    started = time.perf_counter()
+    save_base_model(params.model, base_model_dir())
+    base_seconds = time.perf_counter() - started
+    train = train_task(args.task, params)
+    test = read_jsonl(processed_dir(args.task) / "test.jsonl")[: args.test_rows or None]
+    validation = read_jsonl(processed_dir(args.task) / "validation.jsonl")[: args.test_rows or None]
+    started = time.perf_counter()
+    result = run_evaluation(params.task(args.task), params.evaluate, params.train.max_seq_len, test, validation,
+                            base_model_dir(), models_dir(args.task) / "adapter", params.model.trust_remote_code)
+    out = {"task": args.task, "profile": args.profile, "base": params.model.base, "params_train": params.train.model_dump(),
+           "base_model_seconds": base_seconds, "train": train,
+           "evaluate": result.summary(params.task(args.task)), "evaluate_seconds": time.perf_counter() - started,
+           "test_rows": len(test)}
+    save(args, out)  # what is done so far survives a later phase running out of time
+    if args.model_step:
+        out["model_step"] = model_step(base_model_dir(), params)
+        out["stage_over_model_step"] = train["tokens_per_second"] / out["model_step"]["tokens_per_second"]
+        save(args, out)
+    if args.export:
+        from tuneforge.core.paths import predictions_file
+        from tuneforge.core.records import write_jsonl
+        from tuneforge.stages.export import run_export
+
+        write_jsonl(predictions_file(args.task), result.prediction_rows(params.task(args.task)))
+        started = time.perf_counter()
+        exported = run_export(args.task, params)
+        out["export"] = {"rows": exported.rows, "failures": exported.failures, "seconds": time.perf_counter() - started}
+    return out
+
+
+def step_run(args) -> dict:
+    """The model step alone, plain causal rows against packed ones, on a given base folder."""
+    work = Path(args.work)
+    scratch_project(work, [], {}, profile=args.profile)
+    from tuneforge.core.params import load_params
+
+    params = load_params()
+    return {"base": args.base, "variants": [model_step(Path(args.base), params, packed_every=n) for n in args.packed_every]}
+
+
+def save(args, result: dict) -> None:
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    mg = sub.add_parser("multi-gpu")
+    mg.add_argument("--work", required=True)
+    mg.add_argument("--tokenizer", required=True, help="a folder with the tokenizer files (e.g. models/base)")
+    mg.add_argument("--arch", default="smollm2-1.7b")
+    mg.add_argument("--task", default="sms_spam")
+    mg.add_argument("--gpus", type=int, default=2)
+    mg.add_argument("--seq", type=int, default=1024)
+    mg.add_argument("--batch", type=int, default=8)
+    mg.add_argument("--epochs", type=float, default=3)
+    tk = sub.add_parser("task")
+    tk.add_argument("--work", required=True)
+    tk.add_argument("--task", default="address_json")
+    tk.add_argument("--profile", default="gpu")
+    tk.add_argument("--max-steps", type=int, default=0, help="a quick smoke run instead of the profile's epochs")
+    tk.add_argument("--test-rows", type=int, default=0, help="evaluate on the first N test rows only (0: all)")
+    tk.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="a train setting over the profile")
+    tk.add_argument("--base", help="a local Hugging Face folder as model.base (default: the embedded model)")
+    tk.add_argument("--export", action="store_true", help="then merge, convert, quantize and run the GGUF files")
+    tk.add_argument("--export-rows", type=int, default=20, help="test rows each GGUF file answers")
+    tk.add_argument("--model-step", action="store_true", help="also time the model step alone on the same shapes")
+    st = sub.add_parser("step")
+    st.add_argument("--work", required=True)
+    st.add_argument("--base", required=True)
+    st.add_argument("--profile", default="gpu")
+    st.add_argument("--packed-every", type=int, nargs="+", default=[0, 160])
+    for p in (mg, tk, st):
+        p.add_argument("--out", help="write the JSON here too")
+    args = parser.parse_args()
+    result = {"multi-gpu": multi_gpu, "task": task_run, "step": step_run}[args.command](args)
+    print(json.dumps(result, indent=2, default=str))
+    save(args, result)
+
+
+if __name__ == "__main__":
+    main()
