@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tuneforge.core.constraints import constrain_request, grammar_for, grammars_for, json_schema
+from tuneforge.core.constraints import (
+    constrain_request,
+    grammar_for,
+    grammars_for,
+    json_schema,
+)
 from tuneforge.core.params import OutputSpec, load_params
 from tuneforge.core.readers import Record, read_source
 
