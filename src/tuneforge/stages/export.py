@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from tuneforge.core.chat import prompt_text
+from tuneforge.core.constraints import grammars_for
 from tuneforge.core.gguf import generate_gguf, gguf_files, load_llama
 from tuneforge.core.metrics import score_outputs
 from tuneforge.core.modeling import load_tokenizer
@@ -232,7 +233,8 @@ def run_export(task: str, params: Params) -> ExportResult:
     outputs = {}
     for name, path in files.items():
         run = generate_gguf(load_llama(path, n_threads=cfg.n_threads), tokenizer, records, spec.max_new_tokens,
-                            desc=f"GGUF {name} answers")
+                            desc=f"GGUF {name} answers",
+                            grammars=grammars_for(spec.output, records))  # decoded as evaluated and served
         parity = next_token_parity(hf_model, tokenizer, load_llama(path, logits_all=True, n_threads=cfg.n_threads),
                                    records[: cfg.parity_rows], desc=f"GGUF {name} next-token parity")
         score = score_outputs(spec, records, run.outputs)[primary]
