@@ -158,11 +158,12 @@ def task_run(args) -> dict:
     test = read_jsonl(processed_dir(args.task) / "test.jsonl")[: args.test_rows or None]
     validation = read_jsonl(processed_dir(args.task) / "validation.jsonl")[: args.test_rows or None]
     started = time.perf_counter()
-    result = run_evaluation(params.task(args.task), params.evaluate, params.train.max_seq_len, test, validation,
+    train_records = read_jsonl(processed_dir(args.task) / "train.jsonl")  # the classical baseline trains on these
+    result = run_evaluation(params.task(args.task), params.evaluate, params.train.max_seq_len, train_records, test, validation,
                             base_model_dir(), models_dir(args.task) / "adapter", params.model.trust_remote_code)
     out = {"task": args.task, "profile": args.profile, "base": params.model.base, "params_train": params.train.model_dump(),
            "base_model_seconds": base_seconds, "train": train,
-           "evaluate": result.summary(params.task(args.task)), "evaluate_seconds": time.perf_counter() - started,
+           "evaluate": result.summary(), "evaluate_seconds": time.perf_counter() - started,
            "test_rows": len(test)}
     save(args, out)  # what is done so far survives a later phase running out of time
     if args.model_step:
@@ -174,7 +175,7 @@ def task_run(args) -> dict:
         from tuneforge.core.records import write_jsonl
         from tuneforge.stages.export import run_export
 
-        write_jsonl(predictions_file(args.task), result.prediction_rows(params.task(args.task)))
+        write_jsonl(predictions_file(args.task), result.prediction_rows())
         started = time.perf_counter()
         exported = run_export(args.task, params)
         out["export"] = {"rows": exported.rows, "failures": exported.failures, "seconds": time.perf_counter() - started}

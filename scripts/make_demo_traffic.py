@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from tuneforge.core.constraints import grammars_for
 from tuneforge.core.gguf import file_sha256, generate_gguf, load_llama
 from tuneforge.core.modeling import load_tokenizer
 from tuneforge.core.params import load_params
@@ -53,7 +54,8 @@ def main() -> None:
         messages = [{"role": "system", "content": spec.system_prompt}, {"role": "user", "content": text},
                     {"role": "assistant", "content": ""}]
         start = time.perf_counter()
-        answer = generate_gguf(llm, tokenizer, [{"messages": messages}], spec.max_new_tokens).outputs[0]
+        grammars = grammars_for(spec.output, [{"messages": messages}])  # as `tuneforge serve` constrains it
+        answer = generate_gguf(llm, tokenizer, [{"messages": messages}], spec.max_new_tokens, grammars=grammars).outputs[0]
         latency_ms = 1000 * (time.perf_counter() - start)
         append_request(out, {"task": args.task, "input": text, "output": answer, "latency_ms": latency_ms,
                              "model_file": gguf.name, "model_sha256": digest})

@@ -19,6 +19,8 @@ import time
 import traceback
 from pathlib import Path
 
+from tuneforge.core.constraints import constrain_request
+from tuneforge.core.params import OutputSpec
 from tuneforge.core.traffic import append_request
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see export.py: spin-waits stall a busy small machine
@@ -42,8 +44,9 @@ class RequestLog:
     """
 
     def __init__(self, app, *, task: str, log_file: Path, system_prompt: str, model_file: Path, model_sha256: str,
-                 max_input_chars: int, api_key: str | None = None):
+                 max_input_chars: int, api_key: str | None = None, output: OutputSpec | None = None):
         self.app, self.task, self.log_file = app, task, log_file
+        self.output = output  # the task's output kind: each request decodes under its grammar (core.constraints)
         self.system_prompt, self.model_file, self.model_sha256 = system_prompt, model_file, model_sha256
         self.max_input_chars = max_input_chars
         # A character escapes to at most 6 bytes (\uXXXX); field names and punctuation get a fixed allowance.
@@ -136,6 +139,9 @@ class RequestLog:
         if messages[0]["role"] != "system" and self.system_prompt:
             payload["messages"] = [{"role": "system", "content": self.system_prompt}, *messages]
         payload.setdefault("temperature", 0.0)
+        if self.output is not None:  # decoded as evaluated: the task's grammar, plain greedy (llama.cpp's default 1.1)
+            payload.setdefault("repeat_penalty", 1.0)
+            constrain_request(payload, self.output)
         return payload, "", 200
 
     async def answer(self, scope, receive, send, payload: dict) -> None:
@@ -292,7 +298,7 @@ def build_app(task: str, quantization: str | None = None, n_ctx: int = 1024, api
     # A character is at least a quarter of a token here; keep room for the answer in the context.
     return RequestLog(app, task=task, log_file=production_file(task), system_prompt=spec.system_prompt,
                       model_file=model_file, model_sha256=file_sha256(model_file), max_input_chars=2 * n_ctx,
-                      api_key=api_key)
+                      api_key=api_key, output=spec.output)
 
 
 def serve(task: str, host: str, port: int, quantization: str | None, api_key: str | None = None) -> None:

@@ -80,15 +80,20 @@ def last_logits(llm) -> np.ndarray:
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
-def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, desc: str | None = None) -> GgufRun:
+def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, desc: str | None = None,
+                  grammars: list[str] | None = None) -> GgufRun:
     """Greedy answers to each record's conversation minus its last (reference) message; with desc, a progress bar.
 
     The prompt is the HF tokenizer's chat-template rendering, fed as token ids, so the GGUF model reads exactly
     the tokens the HF model read in evaluation; create_chat_completion re-renders and re-tokenizes inside llama.cpp.
+    grammars: one GBNF grammar a record (core.constraints), applied with the same masking as HF evaluation.
     """
+    from tuneforge.core.constraints import GrammarMatcher, mask_logits
+
     stops = set(stop_token_ids(tokenizer))
     results = []
-    for record in tqdm(records, desc=desc, unit="answer", disable=desc is None):
+    for i, record in enumerate(tqdm(records, desc=desc, unit="answer", disable=desc is None)):
+        matcher = GrammarMatcher(tokenizer, llm.n_vocab(), grammars[i]) if grammars is not None else None
         ids = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False)["input_ids"]
         llm.reset()
         start = time.perf_counter()
@@ -97,9 +102,14 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, desc
         answer: list[int] = []
         start = time.perf_counter()
         for _ in range(max_new_tokens):
-            token = int(np.argmax(last_logits(llm)))
+            logits = last_logits(llm)
+            if matcher is not None:
+                logits = mask_logits(logits.copy(), matcher.allowed())
+            token = int(np.argmax(logits))
             if token in stops:
                 break
+            if matcher is not None:
+                matcher.consume(token)
             answer.append(token)
             llm.eval([token])
         results.append({"output": tokenizer.decode(answer, skip_special_tokens=True).strip(), "prompt_tokens": len(ids),

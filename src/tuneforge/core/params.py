@@ -35,6 +35,10 @@ class OutputSpec(Strict):
     kind: Literal["json_object", "label"]
     allowed_keys: list[str] = Field(default_factory=list, description="json_object: keys the answer may use")
     labels: list[str] = Field(default_factory=list, description="label: the exact answers allowed")
+    constrained: bool = Field(True, description="decode under the grammar of this output kind (evaluation, export, "
+                              "serve); false: free generation, scored the same way")
+    extractive: bool = Field(False, description="json_object: every value is copied from the input (its words, in "
+                             "order), and constrained decoding allows only those")
 
     @model_validator(mode="after")
     def _kind_needs_its_list(self) -> OutputSpec:
@@ -42,6 +46,8 @@ class OutputSpec(Strict):
             raise ValueError("output.kind json_object needs a non-empty output.allowed_keys list")
         if self.kind == "label" and len(self.labels) < 2:
             raise ValueError("output.kind label needs output.labels with at least two labels")
+        if self.extractive and self.kind != "json_object":
+            raise ValueError("output.extractive is an option of output.kind json_object")
         for name, items in (("labels", self.labels), ("allowed_keys", self.allowed_keys)):
             repeated = sorted({x for x in items if items.count(x) > 1})
             if repeated:
@@ -152,6 +158,8 @@ class EvaluateSpec(Strict):
     batch_size: int = Field(16, ge=1)
     min_tuned_score: float = Field(0.5, ge=0, le=1, description="gate: tuned primary metric at least this")
     max_regression: float = Field(0.0, ge=0, le=1, description="gate: tuned may trail base by at most this")
+    compare_free: bool = Field(True, description="constrained tasks: also decode the tuned model without the grammar "
+                               "(tuned_free_* metrics); false saves that generation pass")
 
 
 class ExportSpec(Strict):

@@ -1,17 +1,22 @@
-"""Base vs fine-tuned on the held-out test split: greedy batched generation, task metrics, perplexity."""
+"""Base vs fine-tuned on the held-out test split: greedy batched generation (under the output kind's grammar
+when the task is constrained, and freely for comparison), task metrics, perplexity, and a classical baseline
+trained on the same train split."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
+from transformers import LogitsProcessorList
 
 from tuneforge.core import metrics
 from tuneforge.core.batching import collate_padded, evaluate_loss, render_records
 from tuneforge.core.chat import prompt_text, stop_token_ids
+from tuneforge.core.constraints import grammars_for, hf_logits_processor
 from tuneforge.core.metrics import score_outputs
 from tuneforge.core.params import EvaluateSpec, TaskSpec
 
@@ -26,11 +31,15 @@ class Generations:
 
 @torch.no_grad()
 def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_tokens: int,
-             desc: str = "answers") -> Generations:
-    """Greedy, batched, left-padded (so every prompt ends where generation starts); a progress bar named desc."""
+             desc: str = "answers", grammars: list[str] | None = None) -> Generations:
+    """Greedy, batched, left-padded (so every prompt ends where generation starts); a progress bar named desc.
+
+    grammars: one GBNF grammar a record (core.constraints); each row of a batch is masked by its own.
+    """
     tokenizer.padding_side = "left"
     model.eval()
     device = next(model.parameters()).device
+    n_vocab = model.get_output_embeddings().weight.shape[0]
     outputs, latency, n_tokens = [], [], []
     total_time = 0.0
     stops = stop_token_ids(tokenizer)
@@ -39,8 +48,10 @@ def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_
         batch = records[i : i + batch_size]
         prompts = [prompt_text(tokenizer, r["messages"]) for r in batch]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        start = time.perf_counter()
-        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+        start = time.perf_counter()  # the grammars' set-up counts: a served request pays it too
+        constraint = (LogitsProcessorList([hf_logits_processor(tokenizer, n_vocab, grammars[i : i + batch_size])])
+                      if grammars is not None else None)
+        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, logits_processor=constraint,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         elapsed = time.perf_counter() - start
         total_time += elapsed
@@ -84,52 +95,197 @@ def gate(task: TaskSpec, spec: EvaluateSpec, base_score: float, tuned_score: flo
     return failures
 
 
+# --- Classical baselines: what a model without an LLM reaches on the same split, scored by the same code. ---
+
+def _inputs_and_answers(records: list[dict]) -> tuple[list[str], list[str]]:
+    return [r["messages"][-2]["content"] for r in records], [r["messages"][-1]["content"] for r in records]
+
+
+def label_baseline(train: list[dict], test: list[dict], seed: int = 0) -> list[str]:
+    """TF-IDF over word 1-2-grams and character 2-5-grams, then logistic regression: the test answers."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline, make_union
+
+    texts, labels = _inputs_and_answers(train)
+    model = make_pipeline(
+        make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+                   TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)),
+        LogisticRegression(C=10, max_iter=2000, random_state=seed))  # C=10: TF-IDF features are small and many
+    model.fit(texts, labels)
+    return list(model.predict(_inputs_and_answers(test)[0]))
+
+
+NO_TAG = "(none)"
+
+
+def _words(text: str) -> list[str]:
+    """The input's words as values hold them (whitespace-separated, trailing commas dropped), as
+    core.constraints.input_words allows them."""
+    return [w.rstrip(",") or w for w in text.split()]
+
+
+def word_tags(input_text: str, answer: dict) -> list[str]:
+    """The key each input word was copied into (NO_TAG for none): every value's words are matched to the input's
+    words in order, the earliest unmatched value word first, so that a value spread over the input ("30 45")
+    still aligns."""
+    pending = {key: str(value).split() for key, value in answer.items()}
+    tags = []
+    for word in _words(input_text):
+        key = next((k for k, rest in pending.items() if rest and rest[0] == word), None)
+        if key is not None:
+            pending[key].pop(0)
+        tags.append(key or NO_TAG)
+    return tags
+
+
+def _shape(word: str) -> str:
+    """Character classes with runs collapsed: "123" -> "d", "St." -> "Xx.", "#4B" -> "#dX"."""
+    classes = ["d" if c.isdigit() else "X" if c.isupper() else "x" if c.islower() else c for c in word]
+    return "".join(c for i, c in enumerate(classes) if i == 0 or c != classes[i - 1])
+
+
+def word_features(text: str) -> list[dict]:
+    """Per word: itself, its shape, affixes, position and its neighbours (two each side)."""
+    raw = text.split()
+    words = _words(text)
+    feats = []
+    for i, word in enumerate(words):
+        f = {"word": word.lower(), "shape": _shape(word), "prefix": word[:3].lower(), "suffix": word[-3:].lower(),
+             "comma": raw[i].endswith(","), "digits": word.isdigit(), "length": min(len(word), 6),
+             "from_start": min(i, 6), "from_end": min(len(words) - 1 - i, 6)}
+        for offset in (-2, -1, 1, 2):
+            j = i + offset
+            if 0 <= j < len(words):
+                f[f"word{offset:+d}"] = words[j].lower()
+                f[f"shape{offset:+d}"] = _shape(words[j])
+                f[f"comma{offset:+d}"] = raw[j].endswith(",")
+            else:
+                f[f"word{offset:+d}"] = "(edge)"
+        feats.append(f)
+    return feats
+
+
+def _int32_indices(matrix):
+    """DictVectorizer's sparse matrix with 32-bit indices: here it builds 64-bit ones, which liblinear refuses."""
+    matrix.indices, matrix.indptr = matrix.indices.astype("int32"), matrix.indptr.astype("int32")
+    return matrix
+
+
+def tagger_baseline(train: list[dict], test: list[dict], seed: int = 0) -> list[str]:
+    """json_object tasks whose values are copied from the input: a linear classifier over word features predicts
+    each input word's key; the words of one key, in order, make its value (how usaddress itself parses, with a
+    CRF there). The test answers as JSON.
+
+    A linear SVM rather than logistic regression: on address_json's validation split it scored micro-F1 0.883
+    against 0.868 and trained in 3 s against 190 s on this 2-core machine."""
+    from sklearn.feature_extraction import DictVectorizer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+    from sklearn.svm import LinearSVC
+
+    X, y = [], []
+    for text, answer in zip(*_inputs_and_answers(train), strict=True):
+        X += word_features(text)
+        y += word_tags(text, json.loads(answer))
+    model = make_pipeline(DictVectorizer(), FunctionTransformer(_int32_indices),
+                          LinearSVC(C=1.0, max_iter=5000, random_state=seed))
+    model.fit(X, y)
+    outputs = []
+    for text in _inputs_and_answers(test)[0]:
+        words = _words(text)
+        obj: dict[str, list[str]] = {}
+        for word, tag in zip(words, model.predict(word_features(text)) if words else [], strict=True):
+            if tag != NO_TAG:
+                obj.setdefault(tag, []).append(word)
+        outputs.append(json.dumps({k: " ".join(v) for k, v in obj.items()}, ensure_ascii=False))
+    return outputs
+
+
+BASELINES = {"label": ("TF-IDF (word 1-2-grams + char 2-5-grams) + logistic regression", label_baseline),
+             "json_object": ("linear-SVM word tagger (values copied from the input)", tagger_baseline)}
+
+
+def run_baseline(task: TaskSpec, train: list[dict], test: list[dict]) -> tuple[str, list[str], float]:
+    """(description, test answers, training + prediction seconds) of the output kind's classical baseline."""
+    name, fit_predict = BASELINES[task.output.kind]
+    start = time.perf_counter()
+    outputs = fit_predict(train, test)
+    return name, outputs, time.perf_counter() - start
+
+
 @dataclass
 class EvalResult:
+    """Every model's answers on the same test records. tuned is decoded as the task says (constrained by
+    default); tuned_free is the same model decoding freely, present when the task is constrained."""
+
     records: list[dict]
+    constrained: bool
     base: Generations
     tuned: Generations
-    base_scores: dict
-    tuned_scores: dict
+    tuned_free: Generations | None
     base_perplexity: float
     tuned_perplexity: float
+    baseline_name: str
+    baseline_outputs: list[str]
+    baseline_seconds: float
+    task: TaskSpec
 
-    def summary(self, task: TaskSpec) -> dict:
-        """Flat numbers for eval.json: base_*, tuned_*, delta_* for every scalar metric."""
+    def outputs(self) -> dict[str, list[str]]:
+        """Each scored model's answers, by the name its metrics carry in eval.json."""
+        out = {"base": self.base.outputs, "tuned": self.tuned.outputs}
+        if self.tuned_free is not None:
+            out["tuned_free"] = self.tuned_free.outputs
+        return {**out, "baseline": self.baseline_outputs}
+
+    def scores(self) -> dict[str, dict]:
+        return {who: score_outputs(self.task, self.records, outputs) for who, outputs in self.outputs().items()}
+
+    def summary(self) -> dict:
+        """Flat numbers for eval.json: <model>_<metric> for every scalar metric (models: base, tuned, tuned_free,
+        baseline), delta_<metric> = tuned - base, and speed/perplexity for the LLMs."""
+        scores = self.scores()
         out = {}
-        for name in [k for k, v in self.tuned_scores.items() if isinstance(v, (int, float)) and k != "n"]:
-            out[f"base_{name}"] = self.base_scores[name]
-            out[f"tuned_{name}"] = self.tuned_scores[name]
-            out[f"delta_{name}"] = self.tuned_scores[name] - self.base_scores[name]
-        for who, gen, ppl in (("base", self.base, self.base_perplexity), ("tuned", self.tuned, self.tuned_perplexity)):
-            out[f"{who}_validation_perplexity"] = ppl
+        for name in [k for k, v in scores["tuned"].items() if isinstance(v, (int, float)) and k != "n"]:
+            for who, s in scores.items():
+                out[f"{who}_{name}"] = s[name]
+            out[f"delta_{name}"] = scores["tuned"][name] - scores["base"][name]
+        runs = {"base": (self.base, self.base_perplexity), "tuned": (self.tuned, self.tuned_perplexity)}
+        if self.tuned_free is not None:
+            runs["tuned_free"] = (self.tuned_free, None)
+        for who, (gen, ppl) in runs.items():
+            if ppl is not None:
+                out[f"{who}_validation_perplexity"] = ppl
             out[f"{who}_latency_ms_per_example"] = 1000 * sum(gen.latency_s) / max(1, len(gen.latency_s))
             out[f"{who}_tokens_per_second"] = gen.tokens_per_second
             out[f"{who}_mean_output_tokens"] = sum(gen.output_tokens) / max(1, len(gen.output_tokens))
+        out["baseline_seconds"] = self.baseline_seconds
         out["test_rows"] = len(self.records)
-        out["primary_metric"] = task.primary_metric
+        out["primary_metric"] = self.task.primary_metric
+        out["constrained"] = self.constrained
         return out
 
-    def prediction_rows(self, task: TaskSpec) -> list[dict]:
+    def prediction_rows(self) -> list[dict]:
+        """One row a test record: every model's answer, per-example score and error kind."""
         rows = []
+        outputs = self.outputs()
         for i, record in enumerate(self.records):
-            base_score, base_error = per_example(task, record, self.base.outputs[i])
-            tuned_score, tuned_error = per_example(task, record, self.tuned.outputs[i])
-            rows.append({
-                "id": record["id"], "input": record["messages"][-2]["content"],
-                "expected": record["messages"][-1]["content"],
-                "base_output": self.base.outputs[i], "tuned_output": self.tuned.outputs[i],
-                "base_score": base_score, "tuned_score": tuned_score,
-                "base_error": base_error, "tuned_error": tuned_error,
-                "base_latency_s": self.base.latency_s[i], "tuned_latency_s": self.tuned.latency_s[i],
-                "tuned_output_tokens": self.tuned.output_tokens[i],
-            })
+            row = {"id": record["id"], "input": record["messages"][-2]["content"],
+                   "expected": record["messages"][-1]["content"]}
+            for who, answers in outputs.items():
+                row[f"{who}_output"] = answers[i]
+                row[f"{who}_score"], row[f"{who}_error"] = per_example(self.task, record, answers[i])
+            row.update({"base_latency_s": self.base.latency_s[i], "tuned_latency_s": self.tuned.latency_s[i],
+                        "tuned_output_tokens": self.tuned.output_tokens[i]})
+            rows.append(row)
         return rows
 
 
-def run_evaluation(task: TaskSpec, spec: EvaluateSpec, max_seq_len: int, test: list[dict], validation: list[dict],
-                   base_dir, adapter_dir, trust_remote_code: bool = False) -> EvalResult:
-    """Score the base model, then the same weights with the adapter merged in (full precision)."""
+def run_evaluation(task: TaskSpec, spec: EvaluateSpec, max_seq_len: int, train: list[dict], test: list[dict],
+                   validation: list[dict], base_dir, adapter_dir, trust_remote_code: bool = False) -> EvalResult:
+    """The classical baseline, then the base model, then the same weights with the adapter merged in (full
+    precision): both under the task's decoding (constrained unless output.constrained is false), and the tuned
+    model once more freely when constrained (evaluate.compare_free), to show what the constraint changes."""
     from peft import PeftModel
 
     from tuneforge.core.modeling import (
@@ -139,14 +295,18 @@ def run_evaluation(task: TaskSpec, spec: EvaluateSpec, max_seq_len: int, test: l
         pick_device,
     )
 
+    baseline_name, baseline_outputs, baseline_seconds = run_baseline(task, train, test)
     device = pick_device()
     tokenizer = load_tokenizer(base_dir)
     model = load_causal_lm(base_dir, dtype=compute_dtype(device), device=device, trust_remote_code=trust_remote_code)
     kw = {"batch_size": spec.batch_size, "max_new_tokens": task.max_new_tokens}
-    base = generate(model, tokenizer, test, desc="base model answers", **kw)
+    grammars = grammars_for(task.output, test)
+    base = generate(model, tokenizer, test, desc="base model answers", grammars=grammars, **kw)
     base_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    tuned = generate(model, tokenizer, test, desc="tuned model answers", **kw)
+    tuned = generate(model, tokenizer, test, desc="tuned model answers", grammars=grammars, **kw)
+    tuned_free = (generate(model, tokenizer, test, desc="tuned model answers, no grammar", **kw)
+                  if grammars is not None and spec.compare_free else None)
     tuned_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size)
-    return EvalResult(test, base, tuned, score_outputs(task, test, base.outputs), score_outputs(task, test, tuned.outputs),
-                      base_ppl, tuned_ppl)
+    return EvalResult(test, grammars is not None, base, tuned, tuned_free, base_ppl, tuned_ppl,
+                      baseline_name, baseline_outputs, baseline_seconds, task)

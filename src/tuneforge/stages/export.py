@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from tuneforge.core.chat import end_of_turn, prompt_text, stop_token_ids, tokens_after
+from tuneforge.core.constraints import grammars_for
 # converter_dir is re-exported: callers (tests/test_export.py) check export.converter_dir().
 from tuneforge.core.gguf import converter_dir, generate_gguf, gguf_files, load_llama, run_converter  # noqa: F401
 from tuneforge.core.metrics import score_outputs
@@ -224,7 +225,8 @@ def run_export(task: str, params: Params) -> ExportResult:
     outputs = {}
     for name, path in files.items():
         run = generate_gguf(load_llama(path, n_threads=cfg.n_threads), tokenizer, records, spec.max_new_tokens,
-                            desc=f"GGUF {name} answers")
+                            desc=f"GGUF {name} answers",
+                            grammars=grammars_for(spec.output, records))  # decoded as evaluated and served
         parity = next_token_parity(hf_model, tokenizer, load_llama(path, logits_all=True, n_threads=cfg.n_threads),
                                    records[: cfg.parity_rows], desc=f"GGUF {name} next-token parity")
         score = score_outputs(spec, records, run.outputs)[primary]

@@ -1,0 +1,201 @@
+"""Constrained decoding: one grammar a request, built from the task's OutputSpec, used everywhere.
+
+The grammar is GBNF (llama.cpp's format). `tuneforge serve` hands it to llama.cpp's own grammar sampler; the
+evaluation stage (HF generation) and the export stage's GGUF runs feed the same text to llguidance
+(`grammar_from("gbnf", ...)`), which masks the logits token by token. So the answers that are evaluated, exported
+and served are drawn from one language:
+
+- label: exactly one of output.labels.
+- json_object: a non-empty JSON object whose keys are output.allowed_keys (any order) and whose values are
+  strings. json_schema() states the same contract as a JSON schema for clients.
+- json_object with output.extractive: each value is a run of the input's own words, in input order (a word may
+  drop its trailing commas), joined by single spaces; so a value can only be copied from this request's input.
+  Ordered runs rather than contiguous spans because labelled data joins the tokens of one tag across the address
+  (usaddress: "Route 30 & Route 45" -> StreetName "30 45"; 86 of 8,836 values in labeled.xml).
+
+Keys may repeat (a grammar cannot forbid that cheaply); json.loads keeps the last value, as scoring does.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from tuneforge.core.params import OutputSpec
+
+# A JSON string's characters, as in llama.cpp's json.gbnf: no raw quote, backslash or control character.
+_JSON_STRING = r'"\"" ( [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] ) )* "\""'
+
+
+def gbnf_literal(text: str) -> str:
+    """text as a GBNF string literal."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def json_schema(output: OutputSpec) -> dict:
+    """The answer's JSON schema: the contract for clients (the grammar below is what decoding enforces)."""
+    if output.kind == "label":
+        return {"type": "string", "enum": list(output.labels)}
+    return {"type": "object", "properties": {key: {"type": "string"} for key in output.allowed_keys},
+            "additionalProperties": False, "minProperties": 1}
+
+
+def input_words(input_text: str) -> list[list[str]]:
+    """The forms each whitespace-separated word of the input may take in a value: itself, and without trailing
+    commas (readers strip those: "Memphis," -> "Memphis")."""
+    words = []
+    for word in input_text.split():
+        forms = [word] if word.rstrip(",") in ("", word) else [word, word.rstrip(",")]
+        words.append([json.dumps(form, ensure_ascii=False)[1:-1] for form in forms])  # as they appear inside a JSON string
+    return words
+
+
+def _extractive_rules(input_text: str) -> list[str]:
+    """value ::= a JSON string of input words in input order: w<i> is word i followed optionally by a later run."""
+    words = input_words(input_text)
+    if not words:
+        return [f"value ::= {_JSON_STRING}"]
+    rules = ['value ::= "\\"" run0 "\\""']
+    last = len(words) - 1
+    for i, forms in enumerate(words):
+        word = " | ".join(gbnf_literal(f) for f in forms)
+        rules.append(f"w{i} ::= ({word})" + (f' ( " " run{i + 1} )?' if i < last else ""))
+        rules.append(f"run{i} ::= w{i}" + (f" | run{i + 1}" if i < last else ""))  # start at word i or later
+    return rules
+
+
+def grammar_for(output: OutputSpec, input_text: str = "") -> str:
+    """The GBNF grammar an answer to input_text must match (the input matters only for extractive outputs)."""
+    if output.kind == "label":
+        return "root ::= " + " | ".join(gbnf_literal(label) for label in output.labels) + "\n"
+    keys = " | ".join(gbnf_literal(json.dumps(key, ensure_ascii=False)) for key in output.allowed_keys)
+    rules = [
+        # One optional space after ',' and ':' covers json.dumps' default and compact separators alike; unbounded
+        # whitespace would let a small model ramble in blanks.
+        'root ::= "{" pair ( "," " "? pair )* "}"',
+        'pair ::= key ":" " "? value',
+        f"key ::= {keys}",
+        *(_extractive_rules(input_text) if output.extractive else [f"value ::= {_JSON_STRING}"]),
+    ]
+    return "\n".join(rules) + "\n"
+
+
+def grammars_for(output: OutputSpec, records: list[dict]) -> list[str] | None:
+    """Each record's grammar (its user turn is the input), or None when the task decodes freely."""
+    if not output.constrained:
+        return None
+    return [grammar_for(output, record["messages"][-2]["content"]) for record in records]
+
+
+@lru_cache(maxsize=4)
+def _ll_tokenizer(tokenizer, n_vocab: int):
+    import llguidance.hf
+
+    # ~1 s for a 49k vocabulary: built once a tokenizer. The tokenizer's eos ends every grammar.
+    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=n_vocab)
+
+
+def _llguidance_grammar(gbnf: str) -> str:
+    """The GBNF grammar for llguidance, with llama.cpp's token semantics.
+
+    By default llguidance lets only the canonical tokenization of forced text through ('{"' as one token where
+    the grammar forces '{' then '"'); llama.cpp's grammar sampler allows every token that fits ('{' too). With
+    forcing off both engines allow the same tokens, so greedy answers agree between evaluation and serving.
+    """
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import gbnf_to_lark
+
+    lark = gbnf_to_lark(gbnf)
+    header = "%llguidance {}"
+    if not lark.startswith(header):
+        raise RuntimeError(f"llguidance's GBNF converter no longer starts its output with {header!r}: {lark[:60]!r}")
+    return LLMatcher.grammar_from_lark('%llguidance {"no_forcing": true}' + lark[len(header):])
+
+
+class GrammarMatcher:
+    """One request's llguidance matcher: which tokens may come next, fed the tokens actually chosen.
+
+    Once the grammar is complete (llguidance then stops the matcher by itself) only the end-of-sequence token may
+    follow, so the answer ends there.
+    """
+
+    def __init__(self, tokenizer, n_vocab: int, grammar: str):
+        import llguidance
+
+        self.n_vocab, self.eos = n_vocab, tokenizer.eos_token_id
+        self.matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer, n_vocab), _llguidance_grammar(grammar), log_level=0)
+        self._check()
+
+    def _check(self) -> None:
+        if self.matcher.is_error():
+            raise ValueError(f"constrained decoding failed: {self.matcher.get_error()}")
+
+    def allowed(self) -> np.ndarray:
+        """A bool mask over the vocabulary: the tokens that keep the answer inside the grammar."""
+        if self.matcher.is_stopped():
+            mask = np.zeros(self.n_vocab, dtype=bool)
+            mask[self.eos] = True
+            return mask
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        self._check()
+        return np.unpackbits(bits, bitorder="little")[: self.n_vocab].astype(bool)
+
+    def consume(self, token: int) -> None:
+        """Advance by the chosen token (tokens after the grammar's end, eos and batch padding, are not its)."""
+        if not self.matcher.is_stopped():
+            self.matcher.consume_token(token)
+            self._check()
+
+
+def mask_logits(logits, allowed):
+    """Logits with disallowed tokens at -inf, in place: numpy (vocabulary,) with a bool mask, or torch
+    (rows, vocabulary) with a (rows, mask length) bool tensor. Masks may be shorter than the logits (padded
+    vocabularies): the extra tokens are left alone."""
+    if isinstance(logits, np.ndarray):
+        logits[: len(allowed)][~allowed] = -np.inf
+    else:  # one masked_fill_ for the whole batch: indexing row by row cost ~30x more on this CPU
+        logits[..., : allowed.shape[-1]].masked_fill_(~allowed, -float("inf"))
+    return logits
+
+
+def hf_logits_processor(tokenizer, n_vocab: int, grammars: list[str]):
+    """A transformers LogitsProcessor constraining row i of a batched generate() call to grammars[i]."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class GrammarLogitsProcessor(LogitsProcessor):
+        def __init__(self):
+            self.matchers = [GrammarMatcher(tokenizer, n_vocab, g) for g in grammars]
+            self.prompt_length: int | None = None
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            if self.prompt_length is None:
+                self.prompt_length = input_ids.shape[1]
+            else:  # the tokens chosen at the previous step
+                for row, matcher in enumerate(self.matchers):
+                    matcher.consume(int(input_ids[row, -1]))
+            return mask_logits(scores, torch.from_numpy(np.stack([m.allowed() for m in self.matchers])))
+
+    return GrammarLogitsProcessor()
+
+
+def constrain_request(payload: dict, output: OutputSpec) -> dict:
+    """An OpenAI-style chat request given the task's grammar for its last user message (llama-cpp-python's server
+    reads `grammar`); left alone when the task decodes freely or the client chose a format (grammar or
+    response_format)."""
+    if output.constrained and "grammar" not in payload and "response_format" not in payload:
+        user = [m["content"] for m in payload.get("messages", []) if m.get("role") == "user"]
+        payload["grammar"] = grammar_for(output, user[-1] if user else "")
+    return payload

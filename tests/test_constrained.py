@@ -1,0 +1,169 @@
+"""Constrained decoding: the grammar built from a task's OutputSpec, run by llguidance (HF generation, the export
+stage's GGUF runs) and by llama.cpp's own grammar sampler (`tuneforge serve`), on the real tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneforge.core.constraints import (
+    constrain_request,
+    grammar_for,
+    grammars_for,
+    json_schema,
+)
+from tuneforge.core.params import OutputSpec, load_params
+from tuneforge.core.readers import Record, read_source
+
+ADDRESS = load_params().task("address_json")
+SPAM = load_params().task("sms_spam")
+
+
+def address_records(n: int | None = None) -> list[dict]:
+    """The real labelled addresses (the raw file is in git), as chat records."""
+    records = [r for r in read_source(Path(ADDRESS.source), ADDRESS.source, ADDRESS) if isinstance(r, Record)]
+    return [{"id": r.id, "messages": r.messages} for r in records[:n]]
+
+
+def matches(tokenizer, grammar: str, text: str, complete: bool = True) -> bool:
+    """Whether text is a sentence of grammar (complete=False: the start of one), token by token as decoding
+    would meet it."""
+    from tuneforge.core.constraints import GrammarMatcher
+
+    matcher = GrammarMatcher(tokenizer, len(tokenizer), grammar).matcher
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return matcher.consume_tokens(ids) and (matcher.is_accepting() or not complete) and not matcher.is_error()
+
+
+def test_every_labelled_address_fits_its_own_extractive_grammar(tokenizer):
+    """No reference answer is ruled out: values spread over the address ("Route 30 & Route 45" -> "30 45") and
+    words that lose a trailing comma included."""
+    records = address_records()
+    misses = [r["messages"][-1]["content"] for r in records
+              if not matches(tokenizer, grammar_for(ADDRESS.output, r["messages"][-2]["content"]),
+                             r["messages"][-1]["content"])]
+    assert not misses, misses[:3]
+
+
+@pytest.mark.parametrize("answer", [
+    '{"PlaceName": "Aldenon"}',                   # a value the input does not contain
+    '{"StreetName": "Ohio West"}',                # input words out of order
+    '{"Street": "Ohio"}',                         # a key outside allowed_keys
+    '{"StreetName": "Ohio"',                      # unfinished
+    '{}',                                         # empty
+    '{"StreetName": "Ohio"} and more',            # text after the object
+])
+def test_the_extractive_grammar_refuses_what_the_input_cannot_give(tokenizer, answer):
+    grammar = grammar_for(ADDRESS.output, "1 West Ohio Street, Altoona, PA 16601")
+    assert matches(tokenizer, grammar, '{"StreetNamePreDirectional": "West", "StreetName": "Ohio", "PlaceName": "Altoona"}')
+    assert not matches(tokenizer, grammar, answer)
+
+
+def test_free_json_grammar_takes_any_string_values_and_escapes(tokenizer):
+    grammar = grammar_for(ADDRESS.output.model_copy(update={"extractive": False}))
+    assert matches(tokenizer, grammar, json.dumps({"StreetName": 'Aldenon "x" \\ é', "ZipCode": "1"}, ensure_ascii=False))
+    assert matches(tokenizer, grammar, '{"StreetName":"a","ZipCode":"b"}')  # compact separators
+    assert not matches(tokenizer, grammar, '{"StreetName": 5}')
+
+
+def test_label_grammar_is_exactly_one_label(tokenizer):
+    grammar = grammar_for(SPAM.output)
+    assert matches(tokenizer, grammar, "spam") and matches(tokenizer, grammar, "ham")
+    assert not matches(tokenizer, grammar, "spam.") and not matches(tokenizer, grammar, "Spam")
+
+
+def test_json_schema_states_the_same_contract():
+    schema = json_schema(ADDRESS.output)
+    assert set(schema["properties"]) == set(ADDRESS.output.allowed_keys) and schema["additionalProperties"] is False
+    assert json_schema(SPAM.output) == {"type": "string", "enum": ["spam", "ham"]}
+
+
+def test_params_switch_it_off_and_extractive_is_a_json_option():
+    assert grammars_for(SPAM.output.model_copy(update={"constrained": False}), [{}]) is None
+    with pytest.raises(ValueError, match="extractive"):
+        OutputSpec(kind="label", labels=["a", "b"], extractive=True)
+
+
+def test_hf_generation_is_batched_and_stays_inside_the_grammar(base_model_dir, tokenizer):
+    """The untuned base model answers addresses with prose; constrained, every answer is a JSON object over allowed
+    keys whose values are the input's words, in one batched generate() with a grammar a row."""
+    from tuneforge.core.modeling import load_causal_lm
+    from tuneforge.core.outputs import parse_object
+    from tuneforge.stages.evaluate import generate
+
+    records = address_records(3) + [{"id": "spam", "messages": [
+        {"role": "system", "content": SPAM.system_prompt}, {"role": "user", "content": "WIN a prize, call now"},
+        {"role": "assistant", "content": "spam"}]}]
+    grammars = grammars_for(ADDRESS.output, records[:3]) + grammars_for(SPAM.output, records[3:])
+    model = load_causal_lm(base_model_dir, dtype=__import__("torch").float32, device="cpu")
+    out = generate(model, tokenizer, records, batch_size=4, max_new_tokens=24, grammars=grammars)
+    assert out.outputs[3] in ("spam", "ham")
+    for record, answer in zip(records[:3], out.outputs[:3]):
+        # 24 tokens may cut an object short; what was written is still a prefix of the grammar's language
+        words = record["messages"][-2]["content"].replace(",", " ").split()
+        assert answer.startswith('{"') and any(f'"{key}"' in answer for key in ADDRESS.output.allowed_keys), answer
+        obj = parse_object(answer)
+        if obj is not None:
+            assert all(set(v.split()) <= set(words) for v in obj.values()), (answer, words)
+    free = generate(model, tokenizer, records[:1], batch_size=1, max_new_tokens=24)
+    assert parse_object(free.outputs[0]) is None  # the base model left free answers in prose
+
+
+@pytest.fixture(scope="module")
+def embedded_gguf() -> Path:
+    from tuneforge.stages.base_model import EMBEDDED_GGUF, embedded_gguf_folder
+
+    return embedded_gguf_folder() / EMBEDDED_GGUF
+
+
+def test_llama_cpp_serving_grammar_and_export_runs_give_the_same_answers(embedded_gguf, tokenizer):
+    """The GGUF answers the export stage gets (llguidance masking in generate_gguf) are the answers llama.cpp's own
+    grammar sampler gives for the request `tuneforge serve` sends (constrain_request): one grammar, two engines."""
+    from tuneforge.core.gguf import generate_gguf, load_llama
+
+    llm = load_llama(embedded_gguf, n_threads=2)
+    records = address_records(2) + [{"id": "s", "messages": [
+        {"role": "system", "content": SPAM.system_prompt}, {"role": "user", "content": "Are we meeting at 6?"},
+        {"role": "assistant", "content": "ham"}]}]
+    specs = [ADDRESS.output, ADDRESS.output, SPAM.output]
+    grammars = [grammar_for(o, r["messages"][-2]["content"]) for o, r in zip(specs, records, strict=True)]
+    exported = generate_gguf(llm, tokenizer, records, 32, grammars=grammars).outputs
+    for record, output, expected in zip(records, specs, exported, strict=True):
+        request = constrain_request({"messages": record["messages"][:-1]}, output)
+        served = llm.create_chat_completion(
+            messages=request["messages"], temperature=0.0, repeat_penalty=1.0, max_tokens=32,
+            grammar=__import__("llama_cpp").LlamaGrammar.from_string(request["grammar"], verbose=False))
+        assert served["choices"][0]["message"]["content"].strip() == expected
+    assert exported[2] in ("spam", "ham")
+
+
+def test_tuneforge_serve_answers_under_the_grammar_what_the_export_stage_measured(tmp_path, repo_root, embedded_gguf,
+                                                                                   tokenizer):
+    """End to end: the served answer to an address (the server adds the system prompt and the request's grammar)
+    is the answer generate_gguf gives the same conversation, and it is JSON over the input's words."""
+    import httpx
+
+    from tests.test_serve import start_server
+    from tuneforge.core.gguf import generate_gguf, load_llama
+
+    (tmp_path / "params.yaml").write_text((repo_root / "params.yaml").read_text())
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "models" / "address_json" / "gguf").mkdir(parents=True)
+    (tmp_path / "models" / "address_json" / "gguf" / "model-Q8_0.gguf").symlink_to(embedded_gguf)
+    text = "1 West Ohio Street, Altoona, PA 16601"
+    proc, url, _ = start_server(tmp_path)
+    try:
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": text}], "max_tokens": 40})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    served = reply.json()["choices"][0]["message"]["content"].strip()
+    record = {"messages": [{"role": "system", "content": ADDRESS.system_prompt}, {"role": "user", "content": text},
+                           {"role": "assistant", "content": ""}]}
+    exported = generate_gguf(load_llama(embedded_gguf, n_threads=2), tokenizer, [record], 40,
+                             grammars=[grammar_for(ADDRESS.output, text)]).outputs[0]
+    assert served == exported
+    assert served.startswith("{") and matches(tokenizer, grammar_for(ADDRESS.output, text), served, complete=False)
