@@ -125,12 +125,12 @@ def test_a_family_goes_through_every_stage(family, tmp_path, prepared, repo_root
     assert (models_dir(TASK) / "adapter" / "adapter_model.safetensors").exists()
 
     spec = params.task(TASK)
-    test = read_jsonl(processed_dir(TASK) / "test.jsonl")
-    validation = read_jsonl(processed_dir(TASK) / "validation.jsonl")
-    evaluation = run_evaluation(spec, params.evaluate, params.train.max_seq_len, test, validation,
+    train_records, test, validation = (read_jsonl(processed_dir(TASK) / f"{name}.jsonl")
+                                       for name in ("train", "test", "validation"))
+    evaluation = run_evaluation(spec, params.evaluate, params.train.max_seq_len, train_records, test, validation,
                                 base_model_dir(), models_dir(TASK) / "adapter")
     assert len(evaluation.tuned.outputs) == 3 and evaluation.tuned_perplexity > 1
-    write_jsonl(predictions_file(TASK), evaluation.prediction_rows(spec))
+    write_jsonl(predictions_file(TASK), evaluation.prediction_rows())
 
     export = run_export(TASK, params)
     rows = {row["model"]: row for row in export.rows}
