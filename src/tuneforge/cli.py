@@ -17,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("name")
     sub.add_parser("index", help="write reports/index.html, the stakeholder summary of every task, and each "
                                  "task's model card in reports/model_cards/")
+    sw = sub.add_parser("sweep", help="run params.yaml's sweep as DVC experiments; write reports/sweep.html")
+    sw.add_argument("--report-only", action="store_true", help="rewrite the page from experiments already run")
+    sw.add_argument("--dry-run", action="store_true", help="print the dvc exp run commands; run nothing")
+    sw.add_argument("--jobs", type=int, default=1, help="experiments at a time (1 on a small CPU)")
     sv = sub.add_parser("serve", help="serve a task's GGUF (OpenAI-compatible API), logging every request")
     sv.add_argument("--task", required=True)
     sv.add_argument("--host", default="127.0.0.1", help="loopback by default: nothing is exposed")
@@ -47,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         index = build_index()
         print(f"wrote {index} and the model cards in {index.parent / 'model_cards'}")
         return 0
+    if args.command == "sweep":
+        from tuneforge.sweep import main as sweep
+
+        return sweep(report_only=args.report_only, dry_run=args.dry_run, jobs=args.jobs)
     if args.command == "serve":
         from tuneforge.core.params import ParamsError
         from tuneforge.serve import ServeError, serve

@@ -6,10 +6,12 @@ surfacing later as a KeyError deep inside a notebook.
 
 from __future__ import annotations
 
+import itertools
+import random
 import re
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -185,6 +187,41 @@ class DriftSpec(Strict):
     max_rows: int = Field(300, ge=1, description="judge the most recent requests only")
 
 
+class SweepSpec(Strict):
+    """`tuneforge sweep`: DVC experiments over named settings, and the page comparing them."""
+
+    method: Literal["grid", "random"] = Field("grid", description="grid: every combination; random: `samples` of them")
+    samples: int = Field(4, ge=1, description="random: how many distinct combinations to run")
+    seed: int = Field(13, description="random: which combinations")
+    name: str = Field("sweep", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="experiment name prefix: <name>-<i>")
+    targets: list[str] = Field(default_factory=list, description="stages each experiment reproduces; empty: all")
+    metric: str = Field(description="what 'best' means, as <metrics file>:<name>, e.g. metrics/address_json/eval.json:tuned_micro_f1")
+    higher_is_better: bool = True
+    settings: dict[str, list[Any]] = Field(description="dotted params.yaml key -> values to try")
+
+    @model_validator(mode="after")
+    def _settings_are_real(self) -> SweepSpec:
+        if not self.settings:
+            raise ValueError("sweep.settings is empty: name at least one setting and its values")
+        for key, values in self.settings.items():
+            if not values:
+                raise ValueError(f"sweep.settings.{key}: give at least one value")
+            if key.split(".")[0] == "sweep":
+                raise ValueError(f"sweep.settings.{key}: a sweep cannot sweep its own settings")
+            setting_path(key)  # raises on a name params.yaml does not have
+        if ":" not in self.metric:
+            raise ValueError(f"sweep.metric {self.metric!r}: write <metrics file>:<name>")
+        return self
+
+    def points(self) -> list[dict[str, Any]]:
+        """The combinations to run, in a stable order (grid: row-major; random: seeded draw without repeats)."""
+        keys = list(self.settings)
+        grid = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*self.settings.values())]
+        if self.method == "grid":
+            return grid
+        return random.Random(self.seed).sample(grid, min(self.samples, len(grid)))
+
+
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
@@ -197,6 +234,24 @@ class Params(Strict):
     evaluate: EvaluateSpec = EvaluateSpec()
     export: ExportSpec = ExportSpec()
     drift: DriftSpec = DriftSpec()
+    sweep: SweepSpec | None = None
+
+    def with_settings(self, settings: dict[str, Any]) -> Params:
+        """A validated copy with dotted settings replaced, e.g. {"train.lora.r": 32}: what `dvc exp run -S` does."""
+        raw = self.model_dump()
+        for key, value in settings.items():
+            *parents, leaf = setting_path(key)
+            node = raw
+            for part in parents:
+                if part not in node:
+                    raise ParamsError(f"setting {key!r}: there is no task {part!r} under tasks (known: {sorted(node)})")
+                node = node[part]
+            node[leaf] = value
+        try:
+            return Params.model_validate(raw)
+        except ValidationError as err:
+            raise ParamsError(f"settings {settings}: " + "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())) from None
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -217,6 +272,34 @@ class Params(Strict):
 
 class ParamsError(ValueError):
     pass
+
+
+def setting_path(key: str) -> list[str]:
+    """Split a dotted setting name and check it against the schema, e.g. 'train.lora.r' -> ['train', 'lora', 'r'].
+
+    Names under `tasks` need the task: 'tasks.address_json.system_prompt'.
+    """
+    parts = key.split(".")
+    model: Any = Params
+    i = 0
+    while i < len(parts):
+        fields = getattr(model, "model_fields", None)
+        if fields is None or parts[i] not in fields:
+            known = sorted(fields) if fields else []
+            raise ValueError(f"setting {key!r}: {parts[i]!r} is not a setting here (known: {known})")
+        annotation = fields[parts[i]].annotation
+        i += 1
+        if model is Params and parts[i - 1] == "tasks":
+            if i >= len(parts):
+                raise ValueError(f"setting {key!r}: name a task and its setting, e.g. tasks.<task>.system_prompt")
+            i += 1  # the task's name
+            annotation = TaskSpec
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if model is None and i < len(parts):
+            raise ValueError(f"setting {key!r}: {'.'.join(parts[:i])} has no sub-settings")
+    if model is not None:
+        raise ValueError(f"setting {key!r} is a section; name one of its settings ({sorted(model.model_fields)})")
+    return parts
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
