@@ -26,6 +26,7 @@ fi
 SRC="llama_cpp_python-$V/vendor/llama.cpp"
 # conversion/ only exists in newer llama.cpp (the converter was split into a package); older sdists lack it.
 MEMBERS=("$SRC/convert_hf_to_gguf.py" "$SRC/gguf-py" "$SRC/LICENSE")
+MEMBERS+=("$SRC/convert_lora_to_gguf.py")  # task adapters -> GGUF, served over one base model
 if tar tzf "$SDIST" | grep "^$SRC/conversion/" >/dev/null; then  # not grep -q: tar's SIGPIPE fails pipefail
   MEMBERS+=("$SRC/conversion")
 fi
