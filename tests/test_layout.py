@@ -19,7 +19,7 @@ SRC = ROOT / "src"
 STAGE_NOTEBOOK = {"prepare": "00_prepare", "audit": "01_data_audit", "train": "02_train", "evaluate": "03_evaluate",
                   "export": "04_export_gguf", "drift": "05_drift_report"}
 # Stages run by a cli subcommand rather than a notebook: the modules that subcommand imports.
-CLI_STAGE_ENTRY = {"base_model": ["tuneforge.stages.base_model"], "index": ["tuneforge.report.index"]}
+CLI_STAGE_ENTRY = {"base_model": ["tuneforge.stages.base_model"], "base_gguf": ["tuneforge.stages.base_gguf"], "index": ["tuneforge.report.index"]}
 
 
 def module_file(name: str) -> Path | None:

@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     nb.add_argument("name", help="notebook name without .ipynb, e.g. 01_data_audit")
     nb.add_argument("--task", help="task name from params.yaml")
     sub.add_parser("base-model", help="save model.base as safetensors in models/base")
+    sub.add_parser("base-gguf", help="write models/base as a GGUF (export.base_quantization), the file task adapters run over")
     sub.add_parser("index", help="write reports/index.html, the stakeholder summary of every task")
     sv = sub.add_parser("serve", help="serve a task's GGUF (OpenAI-compatible API), logging every request")
     sv.add_argument("--task", required=True)
@@ -33,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
 
         save_base_model(load_params().model, base_model_dir())
         print(f"saved {base_model_dir()}")
+        return 0
+    if args.command == "base-gguf":
+        from tuneforge.core.params import load_params
+        from tuneforge.core.paths import base_gguf_dir
+        from tuneforge.stages.base_gguf import export_base_gguf
+
+        print(f"wrote {export_base_gguf(load_params(), base_model_dir(), base_gguf_dir())}")
         return 0
     if args.command == "index":
         from tuneforge.report.index import build_index

@@ -91,6 +91,28 @@ def gguf_files(folder: Path, quantizations: list[str]) -> dict[str, Path]:
     return {"f16": folder / "model-f16.gguf", **{q: folder / f"model-{q}.gguf" for q in quantizations}}
 
 
+def adapter_gguf(task: str) -> Path:
+    """The task's LoRA adapter as GGUF, beside its merged files."""
+    from tuneforge.core.paths import models_dir
+
+    return models_dir(task) / "gguf" / "adapter-f16.gguf"
+
+
+def served_quantization(task: str) -> str:
+    """The type the export gate vouched for (the smallest file that passed), read from metrics/<task>/export.json."""
+    import json
+
+    from tuneforge.core.paths import metrics_file
+
+    path = metrics_file(task, "export")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run `dvc repro export@{task}` (or name a --quantization)")
+    served = json.loads(path.read_text()).get("served_quantization")
+    if not served:
+        raise ValueError(f"{path}: no GGUF file passed the export gate for {task}; name a --quantization to serve one anyway")
+    return served
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

@@ -47,9 +47,10 @@ def _fmt(value, pattern: str = "{:.3f}") -> str:
     return "–" if value is None else pattern.format(value)
 
 
-def task_section(task: str, root: Path, primary: str, served: str) -> str:
+def task_section(task: str, root: Path, primary: str) -> str:
     folder = root / "reports" / task  # the stage reports; their numbers are in metrics/<task>/
     audit, train, ev, ex, dr = (_load(root / "metrics" / task / f"{name}.json") for name in STAGE_METRICS)
+    served = ex.get("served_quantization") or "none passed"  # the smallest file the export gate passed
     retrain = dr.get("retrain")
     verdicts = (
         f"<tr><td>Data audit gate</td><td>{_badge(audit.get('gate_passed'))}</td></tr>"
@@ -86,8 +87,7 @@ pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:80%}"""
 def build_index(root: Path | None = None) -> Path:
     root = root or repo_root()
     params = yaml.safe_load((root / "params.yaml").read_text())
-    served = params.get("export", {}).get("gate_quantization", "Q8_0")
-    sections = "".join(task_section(task, root, spec.get("primary_metric", ""), served)
+    sections = "".join(task_section(task, root, spec.get("primary_metric", ""))
                        for task, spec in params.get("tasks", {}).items())
     built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = (f"<!DOCTYPE html><html><head><meta charset=utf-8><title>tuneforge report</title><style>{CSS}</style></head><body>"
