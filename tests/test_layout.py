@@ -1,7 +1,7 @@
 """The layout keeps DVC's code dependencies complete by construction; these tests keep it that way.
 
-For each stage, every tuneforge module that its command runs (the notebook's imports, the cli, and everything
-they import, transitively) must sit under one of the stage's deps in dvc.yaml. A future import that reaches
+For each stage, every tuneforge module that its command runs (the module it names, a notebook's imports, and
+everything they import, transitively) must sit under one of the stage's deps in dvc.yaml. A future import that reaches
 outside them fails here instead of leaving `dvc repro` to call stale outputs up to date.
 """
 
@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 STAGE_NOTEBOOK = {"prepare": "00_prepare", "audit": "01_data_audit", "train": "02_train", "evaluate": "03_evaluate",
                   "export": "04_export_gguf", "drift": "05_drift_report"}
-# Stages run by a cli subcommand rather than a notebook: the modules that subcommand imports.
-CLI_STAGE_ENTRY = {"base_model": ["tuneforge.stages.base_model"], "base_gguf": ["tuneforge.stages.base_gguf"], "index": ["tuneforge.report.index"]}
+# Stages whose command runs a module rather than a notebook.
+MODULE_STAGES = {"base_model": "tuneforge.stages.base_model", "base_gguf": "tuneforge.stages.base_gguf",
+                 "index": "tuneforge.report.index"}
 
 
 def module_file(name: str) -> Path | None:
@@ -69,14 +70,20 @@ def stage_deps(stage: str) -> list[Path]:
     return [ROOT / d for d in deps if "${" not in d]
 
 
-@pytest.mark.parametrize("stage", [*STAGE_NOTEBOOK, *CLI_STAGE_ENTRY])
+def stage_command(stage: str) -> str:
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    return spec.get("do", spec)["cmd"]
+
+
+@pytest.mark.parametrize("stage", [*STAGE_NOTEBOOK, *MODULE_STAGES])
 def test_every_module_a_stage_runs_is_one_of_its_deps(stage):
-    entry = {"tuneforge.cli"}
     if stage in STAGE_NOTEBOOK:
-        entry |= {"tuneforge.report.notebook"} | imported_modules(notebook_code(STAGE_NOTEBOOK[stage]))
+        assert stage_command(stage).startswith(f"python -m tuneforge.report.notebook {STAGE_NOTEBOOK[stage]} ")
+        entry = {"tuneforge.report.notebook"} | imported_modules(notebook_code(STAGE_NOTEBOOK[stage]))
         assert ROOT / "notebooks" / f"{STAGE_NOTEBOOK[stage]}.ipynb" in stage_deps(stage)
     else:
-        entry |= set(CLI_STAGE_ENTRY[stage])
+        assert stage_command(stage) == f"python -m {MODULE_STAGES[stage]}"
+        entry = {MODULE_STAGES[stage]}
     deps = stage_deps(stage)
     uncovered = [f.relative_to(ROOT) for f in closure(entry)
                  if not any(f == d or d in f.parents for d in deps)]

@@ -68,7 +68,7 @@ def test_repro_writes_splits_reports_and_metrics(pipeline):
     for task in ("address_json", "sms_spam"):
         for split in ("train", "validation", "test"):
             assert (repo / f"data/processed/{task}/{split}.jsonl").stat().st_size > 0
-        audit = json.loads((repo / f"reports/{task}/audit.json").read_text())
+        audit = json.loads((repo / f"metrics/{task}/audit.json").read_text())
         assert audit["gate_passed"] and audit["exact_leakage"] == 0
         html = (repo / f"reports/{task}/01_data_audit.html").read_text()
         assert "Verdict" in html and "import pandas" not in html  # no code cells in the report
@@ -79,15 +79,18 @@ def test_repro_writes_splits_reports_and_metrics(pipeline):
 def test_every_stage_reported(pipeline):
     repo, _ = pipeline
     for task in ("address_json", "sms_spam"):
-        train = json.loads((repo / f"reports/{task}/train.json").read_text())
+        train = json.loads((repo / f"metrics/{task}/train.json").read_text())
         assert train["mode"] == "lora" and train["device"] == "cpu" and train["steps"] == 2
-        assert "tuned_" + ("micro_f1" if task == "address_json" else "macro_f1") in (repo / f"reports/{task}/eval.json").read_text()
+        assert "tuned_" + ("micro_f1" if task == "address_json" else "macro_f1") in (repo / f"metrics/{task}/eval.json").read_text()
         assert len((repo / f"data/predictions/{task}.jsonl").read_text().splitlines()) == 24
-        export = json.loads((repo / f"reports/{task}/export.json").read_text())
+        export = json.loads((repo / f"metrics/{task}/export.json").read_text())
         assert export["Q4_K_M_size_mb"] < export["f16_size_mb"] / 2
         assert (repo / f"models/{task}/gguf/model-Q4_K_M.gguf").read_bytes()[:4] == b"GGUF"
-        drift = json.loads((repo / f"reports/{task}/drift.json").read_text())
+        drift = json.loads((repo / f"metrics/{task}/drift.json").read_text())
         assert isinstance(drift["retrain"], bool)
+        for name in ("audit", "train", "eval", "export", "drift"):  # what made each number
+            env = json.loads((repo / f"metrics/{task}/{name}.json").read_text())["environment"]
+            assert env["torch"] and env["transformers"] and env["llama-cpp-python"] and len(env["commit"]) >= 40
         for name in ("02_train", "03_evaluate", "04_export_gguf", "05_drift_report", "05_drift_evidently"):
             page = (repo / f"reports/{task}/{name}.html").read_text()
             # Nothing loaded from the network (inlined plotly.js merely mentions its CDN in a default setting).
@@ -173,3 +176,15 @@ def test_share_through_a_dvc_remote(pipeline, tmp_path):
     assert "up to date" in status.lower(), status
     out = dvc("repro", cwd=clone).stdout
     assert "Running stage" not in out
+
+
+def test_a_new_task_needs_no_dvc_yaml_edit(pipeline):
+    """A task added to params.yaml runs through every stage and reaches the index; dvc.yaml stays as it is."""
+    repo, _ = pipeline
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    spam = {k: v for k, v in params["tasks"]["sms_spam"].items() if k != "production_source"}
+    set_params(repo, {"tasks": {"spam_again": spam}})
+    dvc("repro", cwd=repo)
+    assert git("status", "--porcelain", "dvc.yaml", cwd=repo) == ""
+    assert json.loads((repo / "metrics/spam_again/eval.json").read_text())["test_rows"] == 24
+    assert "spam_again" in (repo / "reports/index.html").read_text()

@@ -72,7 +72,7 @@ def test_csv_with_column_mapping(tmp_path):
     content = b'text,label\n"hello, there",ham\nbuy now,spam\nonly one column\n'
     items = read(tmp_path, "d.csv", content, spec)
     assert [r.messages[1]["content"] for r in items if isinstance(r, Record)] == ["hello, there", "buy now"]
-    assert rejects(items) == [(4, "wrong number of columns")]
+    assert [(line, reason.split(":")[0]) for line, reason in rejects(items)] == [(4, "wrong number of columns")]
     items = read(tmp_path, "e.csv", b"a,b\n1,2\n", spec)
     assert "lacks column" in rejects(items)[0][1]
     with pytest.raises(ValueError, match="columns"):

@@ -1,8 +1,12 @@
-"""`tuneforge serve` on a free loopback port: real chat completions through the openai client, logged for drift."""
+"""`tuneforge serve` on a free loopback port: real chat completions through the openai client, logged for drift,
+and hostile requests answered with clear 4xx statuses (never a 500, never unlogged traffic).
+
+The server runs the embedded SmolLM2 GGUF (the base model's own file) under the name the export stage gives the
+gate quantization: serving is what is tested here, the export is tested in test_export.py.
+"""
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +18,10 @@ pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is inst
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 
-from tuneforge.stages import export  # noqa: E402
+from tuneforge.core.paths import production_file  # noqa: E402
+from tuneforge.stages.base_model import EMBEDDED_GGUF, embedded_gguf_folder  # noqa: E402
+
+SYSTEM_PROMPT = "Parse the US address into JSON."  # params.yaml's address_json prompt: must never be echoed
 
 
 def free_port() -> int:
@@ -24,67 +31,194 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, repo_root, base_model_dir):
-    if not (repo_root / "vendor" / "llama.cpp-converter" / "convert_hf_to_gguf.py").exists():
-        pytest.skip("the GGUF converter is fetched by scripts/setup.sh")
+def serve_root(tmp_path_factory, repo_root):
     root = tmp_path_factory.mktemp("serve")
-    shutil.copy(repo_root / "params.yaml", root / "params.yaml")
+    (root / "params.yaml").write_text((repo_root / "params.yaml").read_text())
     (root / "dvc.yaml").write_text("stages: {}\n")
-    (root / "vendor").symlink_to(repo_root / "vendor")
     gguf = root / "models" / "address_json" / "gguf"
-    os.environ["TUNEFORGE_ROOT"] = str(root)
-    try:
-        export.quantize_gguf(export.convert_to_gguf(base_model_dir, gguf / "model-f16.gguf"), gguf / "model-Q8_0.gguf", "Q8_0")
-    finally:
-        del os.environ["TUNEFORGE_ROOT"]
+    gguf.mkdir(parents=True)
+    (gguf / "model-Q8_0.gguf").symlink_to(embedded_gguf_folder() / EMBEDDED_GGUF)  # export.gate_quantization
+    return root
+
+
+def start_server(root, *extra_args, env_extra=None):
     port = free_port()
-    env = {**os.environ, "TUNEFORGE_ROOT": str(root)}
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "serve", "--task", "address_json", "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {k: v for k, v in os.environ.items() if k != "TUNEFORGE_API_KEY"}
+    env.update({"TUNEFORGE_ROOT": str(root), **(env_extra or {})})
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "serve", "--task", "address_json", "--port", str(port),
+                             *extra_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                break
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code in (200, 401):
+                return proc, url, port
         except httpx.HTTPError:
             time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
-    yield url, root / "data" / "production" / "address_json.jsonl"
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    pytest.fail(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
+
+
+def production_file_in(root):
+    os.environ["TUNEFORGE_ROOT"] = str(root)
+    try:
+        return production_file("address_json")
+    finally:
+        del os.environ["TUNEFORGE_ROOT"]
+
+
+@pytest.fixture(scope="module")
+def server(serve_root):
+    proc, url, port = start_server(serve_root)
+    yield url, production_file_in(serve_root), port
     proc.terminate()
     proc.wait(timeout=20)
 
 
-def test_chat_completions_are_answered_and_logged(server):
-    url, log = server
+def logged_lines(log) -> int:
+    return log.read_text().count("\n") if log.exists() else 0
+
+
+def post(url, path="/v1/chat/completions", body=b"", content_type="application/json", **headers):
+    if content_type:
+        headers["content-type"] = content_type
+    return httpx.post(f"{url}{path}", content=body, headers=headers, timeout=60)
+
+
+def chat(text: str, **fields) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 8, **fields}).encode()
+
+
+def test_chat_completions_are_answered_and_logged(server, serve_root):
+    url, log, _ = server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
     inputs = ["123 Main St, Springfield, IL 62701", "PO Box 42, Austin, TX 78701"]
     for text in inputs:
         reply = client.chat.completions.create(model="address_json", max_tokens=24,
                                                messages=[{"role": "user", "content": text}])
         assert isinstance(reply.choices[0].message.content, str)
+        assert reply.model == "address_json"  # not the GGUF's absolute path
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["input"] for r in rows[-2:]] == inputs
     for row in rows[-2:]:
         assert row["latency_ms"] > 0 and row["model_file"] == "model-Q8_0.gguf"  # export.gate_quantization
         assert len(row["model_sha256"]) == 64 and row["timestamp"] > 0 and "output" in row
+    raw = post(url, body=chat("1 Elm St"))
+    assert raw.status_code == 200 and str(serve_root) not in raw.text and ".gguf" not in raw.text
 
 
 def test_malformed_requests_get_clear_4xx_and_the_server_keeps_serving(server):
-    url, log = server
-    before = log.read_text().count("\n") if log.exists() else 0
-    post = lambda body: httpx.post(f"{url}/v1/chat/completions", content=body,  # noqa: E731
-                                   headers={"content-type": "application/json"}, timeout=60)
-    bad_json = post(b'{"messages": [')
+    url, log, _ = server
+    before = logged_lines(log)
+    bad_json = post(url, body=b'{"messages": [')
     assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
-    empty = post(json.dumps({"messages": []}).encode())
+    empty = post(url, body=json.dumps({"messages": []}).encode())
     assert empty.status_code == 400 and "non-empty list" in empty.json()["error"]["message"]
-    wrong = post(json.dumps({"messages": [{"role": "user", "content": 5}]}).encode())
+    wrong = post(url, body=json.dumps({"messages": [{"role": "user", "content": 5}]}).encode())
     assert wrong.status_code == 400
-    huge = post(json.dumps({"messages": [{"role": "user", "content": "x" * 100_000}]}).encode())
+    huge = post(url, body=chat("x" * 100_000))
     assert huge.status_code == 413 and "exceeds" in huge.json()["error"]["message"]
-    ok = post(json.dumps({"messages": [{"role": "user", "content": "1 Elm St"}], "max_tokens": 8}).encode())
+    deep = post(url, body=b"[" * 5000 + b"]" * 5000)
+    assert deep.status_code == 400
+    # A field llama-cpp-python validates itself: its reason comes back, the rewritten request does not.
+    typo = post(url, body=chat("1 Elm St", max_tokens="lots"))
+    assert typo.status_code == 422 and "max_tokens" in typo.text and SYSTEM_PROMPT not in typo.text
+    ok = post(url, body=chat("1 Elm St"), content_type="application/json; charset=utf-8")
     assert ok.status_code == 200
-    assert log.read_text().count("\n") == before + 1  # only the good request was logged
+    assert logged_lines(log) == before + 1  # only the good request was logged
+
+
+def test_every_other_endpoint_is_refused_and_nothing_unlogged_is_answered(server):
+    """Issue 12, item 5: POST /v1/completions was answered with no log, no system prompt and no limit."""
+    url, log, _ = server
+    before = logged_lines(log)
+    completion = post(url, "/v1/completions", json.dumps({"prompt": "1 Elm St", "max_tokens": 4}).encode())
+    assert completion.status_code == 404 and "/v1/chat/completions" in completion.json()["error"]["message"]
+    for path in ("/v1/engines/copilot-codex/completions", "/v1/embeddings", "/extras/tokenize", "/extras/detokenize"):
+        assert post(url, path, b'{"input": "x", "prompt": "x", "tokens": [1]}').status_code == 404, path
+    for path in ("/docs", "/openapi.json", "/"):
+        assert httpx.get(f"{url}{path}").status_code == 404, path
+    assert httpx.get(f"{url}/v1/chat/completions").status_code == 405
+    preflight = httpx.options(f"{url}/v1/chat/completions", headers={
+        "origin": "http://evil.example", "access-control-request-method": "POST"})
+    assert preflight.status_code == 405 and "access-control-allow-origin" not in preflight.headers
+    models = httpx.get(f"{url}/v1/models")
+    assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == ["address_json"]
+    assert ".gguf" not in models.text
+    assert logged_lines(log) == before
+
+
+def test_non_json_bodies_get_415_without_echo(server):
+    """Issue 12, item 8: curl -d, text/plain and forms got a 500 that echoed the body with the system prompt."""
+    url, log, _ = server
+    before = logged_lines(log)
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", None, "multipart/form-data; boundary=x"):
+        reply = post(url, body=chat("1 Elm St"), content_type=content_type)
+        assert reply.status_code == 415, content_type
+        assert "Content-Type: application/json" in reply.json()["error"]["message"]
+        assert SYSTEM_PROMPT not in reply.text
+    assert logged_lines(log) == before
+
+
+def test_lone_surrogates_and_oversized_fields_are_refused(server):
+    """Issue 12, items 8 and 12: a lone surrogate gave a 500; a 1 MB `stop` list passed the content-only limit."""
+    url, log, _ = server
+    before = logged_lines(log)
+    surrogate = post(url, body=b'{"messages": [{"role": "user", "content": "1 Elm \\ud800 St"}]}')
+    assert surrogate.status_code == 400 and "surrogate" in surrogate.json()["error"]["message"]
+    stops = post(url, body=chat("1 Elm St", stop=["ab"] * 1500))  # 3,000 characters outside message content
+    assert stops.status_code == 413 and "all fields" in stops.json()["error"]["message"]
+    big = post(url, body=chat("1 Elm St", user="x" * 1_000_000))
+    assert big.status_code == 413
+    assert logged_lines(log) == before
+
+
+def raw_request(port: int, head: bytes, body_parts) -> bytes:
+    """Send a request's head and part of its body, never finishing it, and read what the server says."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        try:
+            s.sendall(head)
+            for part in body_parts:
+                s.sendall(part)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before the rest arrived: what it said is still readable
+        return s.recv(4096)
+
+
+def test_size_check_runs_while_the_body_streams_in(server):
+    """Issue 12, item 12: the whole body was buffered before the 413. The body here never ends, so only an
+    early answer can arrive (the old code waited for the rest and the read timed out)."""
+    _, log, port = server
+    before = logged_lines(log)
+    declared = raw_request(port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           b"content-length: 20000000\r\n\r\n", [b'{"messages": [' + b" " * 1000])
+    assert declared.startswith(b"HTTP/1.1 413")
+    chunk = b" " * 8192
+    chunked = raw_request(port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                          b"transfer-encoding: chunked\r\n\r\n", [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 8)
+    assert chunked.startswith(b"HTTP/1.1 413")
+    assert logged_lines(log) == before
+
+
+def test_api_key_required_beyond_loopback_and_enforced_when_set(serve_root):
+    refused = subprocess.run([sys.executable, "-m", "tuneforge.cli", "serve", "--task", "address_json",
+                              "--host", "0.0.0.0", "--port", str(free_port())], capture_output=True, text=True,
+                             env={**{k: v for k, v in os.environ.items() if k != "TUNEFORGE_API_KEY"},
+                                  "TUNEFORGE_ROOT": str(serve_root)}, timeout=120)
+    assert refused.returncode == 2
+    assert "TUNEFORGE_API_KEY" in refused.stderr and "Traceback" not in refused.stderr
+
+    proc, url, _ = start_server(serve_root, env_extra={"TUNEFORGE_API_KEY": "s3cret"})
+    try:
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert post(url, body=chat("1 Elm St")).status_code == 401
+        assert post(url, body=chat("1 Elm St"), authorization="Bearer wrong").status_code == 401
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret")
+        reply = client.chat.completions.create(model="address_json", max_tokens=4,
+                                               messages=[{"role": "user", "content": "1 Elm St"}])
+        assert isinstance(reply.choices[0].message.content, str)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -1,11 +1,9 @@
-"""`tuneforge` command line: the single entry point each DVC stage calls."""
+"""`tuneforge` command line for people; DVC stages call the modules behind these commands (`python -m ...`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-from tuneforge.core.paths import base_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--host", default="127.0.0.1", help="loopback by default: nothing is exposed")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--quantization", help="a type from export.quantizations (default: export.gate_quantization)")
+    sv.add_argument("--api-key", help="clients must send 'Authorization: Bearer <key>'; required unless --host is "
+                    "loopback. Prefer $TUNEFORGE_API_KEY: a command line is visible to every user of the machine")
     args = parser.parse_args(argv)
 
     if args.command == "notebook":
@@ -29,18 +29,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_notebook(args.name, args.task)
     if args.command == "base-model":
-        from tuneforge.core.params import load_params
-        from tuneforge.stages.base_model import save_base_model
+        from tuneforge.stages.base_model import main as save_base
 
-        save_base_model(load_params().model, base_model_dir())
-        print(f"saved {base_model_dir()}")
+        save_base()
         return 0
     if args.command == "base-gguf":
-        from tuneforge.core.params import load_params
-        from tuneforge.core.paths import base_gguf_dir
-        from tuneforge.stages.base_gguf import export_base_gguf
+        from tuneforge.stages.base_gguf import main as save_base_gguf
 
-        print(f"wrote {export_base_gguf(load_params(), base_model_dir(), base_gguf_dir())}")
+        save_base_gguf()
         return 0
     if args.command == "index":
         from tuneforge.report.index import build_index
@@ -48,9 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {build_index()}")
         return 0
     if args.command == "serve":
-        from tuneforge.serve import serve
+        from tuneforge.core.params import ParamsError
+        from tuneforge.serve import ServeError, serve
 
-        serve(args.task, args.host, args.port, args.quantization)
+        try:
+            serve(args.task, args.host, args.port, args.quantization, args.api_key)
+        except (ServeError, ParamsError) as err:
+            print(f"tuneforge serve: {err}", file=sys.stderr)
+            return 2
         return 0
     return 2
 

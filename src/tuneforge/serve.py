@@ -1,47 +1,151 @@
-"""`tuneforge serve`: the exported GGUF behind llama.cpp's OpenAI-compatible server, every request logged.
+"""`tuneforge serve`: the exported GGUF behind llama.cpp's OpenAI-compatible server, every answer logged.
 
 Each answered chat completion is appended to data/production/<task>.jsonl (input, output, latency,
 model file hash, timestamp): the current traffic the drift stage compares with the test split.
-The server binds to loopback by default and sends nothing anywhere else.
+Only two routes are answered: POST /v1/chat/completions (checked, given the task's system prompt, logged)
+and GET /v1/models (the task name, no input). Everything else llama-cpp-python offers (raw completions,
+embeddings, tokenizer endpoints, API docs, CORS preflight) is refused, so no traffic escapes the log.
+The server binds to loopback by default; any other address needs an API key.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import os
+import sys
 import time
+import traceback
 from pathlib import Path
 
 from tuneforge.core.traffic import append_request
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see export.py: spin-waits stall a busy small machine
 
+API_KEY_ENV = "TUNEFORGE_API_KEY"
+CHAT = "/v1/chat/completions"
+ROUTES = {CHAT: "POST", "/v1/models": "GET"}
+
+
+class ServeError(ValueError):
+    """A setting that keeps the server from starting, said in one sentence."""
+
 
 class RequestLog:
-    """ASGI middleware around /v1/chat/completions: checks the request, adds the task's system
-    prompt when the client sent none, and logs the answered request."""
+    """ASGI middleware in front of llama-cpp-python's app.
+
+    For every HTTP request: API key (when set), route, then for chat completions: content type, size while
+    the body streams in, JSON, message shape, a character limit over every string, the task's system prompt
+    when the client sent none; the answer is logged before the client hears back. Errors are short JSON
+    messages in OpenAI's shape that never echo the (rewritten) request.
+    """
 
     def __init__(self, app, *, task: str, log_file: Path, system_prompt: str, model_file: Path, model_sha256: str,
-                 max_input_chars: int):
+                 max_input_chars: int, api_key: str | None = None):
         self.app, self.task, self.log_file = app, task, log_file
         self.system_prompt, self.model_file, self.model_sha256 = system_prompt, model_file, model_sha256
         self.max_input_chars = max_input_chars
+        # A character escapes to at most 6 bytes (\uXXXX); field names and punctuation get a fixed allowance.
+        self.max_body_bytes = 6 * max_input_chars + 16_384
+        self.api_key = api_key
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/chat/completions":
+        if scope["type"] == "lifespan":
             return await self.app(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        if scope["type"] != "http":  # websockets: nothing here speaks them
+            return await send({"type": "websocket.close", "code": 1008})
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and not self.authorised(headers.get("authorization", "")):
+            return await reply_error(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                     extra_headers=[(b"www-authenticate", b"Bearer")])
+        path, method = scope["path"], scope["method"]
+        if path not in ROUTES:
+            return await reply_error(send, 404, f"{path} is not served here: tuneforge serve answers POST {CHAT} "
+                                     "(every answer logged for drift) and GET /v1/models")
+        if method != ROUTES[path]:
+            return await reply_error(send, 405, f"{path} accepts {ROUTES[path]} only")
+        if path != CHAT:
+            return await self.app(scope, receive, send)
+
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            return await reply_error(send, 415, f"send the body as JSON with 'Content-Type: application/json' "
+                                     f"(got {media_type or 'no content type'!r})")
+        body, problem, status = await self.read_body(receive, headers.get("content-length"))
+        if problem:
+            return await reply_error(send, status, problem)
         payload, problem, status = self.check(body)
         if problem:
             return await reply_error(send, status, problem)
+        await self.answer(scope, receive, send, payload)
 
+    def authorised(self, header: str) -> bool:
+        scheme, _, key = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
+
+    async def read_body(self, receive, declared: str | None) -> tuple[bytes, str, int]:
+        """The body, read chunk by chunk and refused as soon as it passes max_body_bytes (a declared
+        Content-Length over the limit is refused before reading anything)."""
+        too_big = f"request body exceeds this server's limit of {self.max_body_bytes} bytes"
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return b"", too_big, 413
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", "client disconnected", 400
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return b"", too_big, 413
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks), "", 200
+
+    def check(self, body: bytes) -> tuple[dict, str, int]:
+        """(payload with defaults, problem, HTTP status): a clear 4xx instead of a server error."""
+        try:
+            payload = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            return {}, f"request body is not UTF-8 (byte {err.start})", 400
+        except json.JSONDecodeError as err:
+            return {}, f"request body is not valid JSON: {err}", 400
+        except RecursionError:
+            return {}, "request body is nested too deeply", 400
+        if not isinstance(payload, dict):
+            return {}, "request body must be a JSON object", 400
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return {}, "'messages' must be a non-empty list", 400
+        if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
+                   for m in messages):
+            return {}, "each message needs a role (system, user or assistant) and a string content", 400
+        strings = list(iter_strings(payload))
+        if any(not is_encodable(s) for s in strings):  # JSON's "\ud800" escape decodes to one; UTF-8 cannot hold it
+            return {}, "the request contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)", 400
+        size = sum(map(len, strings))
+        if size > self.max_input_chars:
+            return {}, (f"request of {size} characters (all fields, names included) exceeds this server's limit "
+                        f"of {self.max_input_chars}"), 413
+        problem = field_problems(payload)
+        if problem:
+            return {}, problem, 422
+        if payload.get("stream"):
+            return {}, "streaming is not supported: the request log needs the whole answer", 400
+        if messages[0]["role"] != "system" and self.system_prompt:
+            payload["messages"] = [{"role": "system", "content": self.system_prompt}, *messages]
+        payload.setdefault("temperature", 0.0)
+        return payload, "", 200
+
+    async def answer(self, scope, receive, send, payload: dict) -> None:
+        """Run the checked request through llama-cpp-python, holding its reply: a success is logged and
+        named by the task (llama.cpp puts the GGUF's absolute path in 'model'); an error is reduced to a
+        message that cannot echo the rewritten body or the system prompt."""
         new_body = json.dumps(payload).encode()
-        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-                 + [(b"content-length", str(len(new_body)).encode())]}
+        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"content-type")]
+        scope = {**scope, "headers": headers + [(b"content-type", b"application/json"),
+                                                (b"content-length", str(len(new_body)).encode())]}
         delivered = False
 
         async def replay():
@@ -51,61 +155,120 @@ class RequestLog:
                 return {"type": "http.request", "body": new_body, "more_body": False}
             return await receive()
 
-        response = {"status": 500, "body": b""}
-        start = time.perf_counter()
+        reply = {"status": 500, "headers": [], "body": b""}
 
-        async def capture(message):
+        async def hold(message):
             if message["type"] == "http.response.start":
-                response["status"] = message["status"]
+                reply["status"], reply["headers"] = message["status"], message.get("headers", [])
             elif message["type"] == "http.response.body":
-                response["body"] += message.get("body", b"")
-                if not message.get("more_body") and response["status"] == 200:
-                    self.log(payload, response["body"], time.perf_counter() - start)  # logged before the client hears back
-            await send(message)
+                reply["body"] += message.get("body", b"")
 
-        await self.app(scope, replay, capture)
+        start = time.perf_counter()
+        try:
+            await self.app(scope, replay, hold)
+        except Exception:  # noqa: BLE001 - the traceback goes to the server's stderr, a short message to the client
+            traceback.print_exc(file=sys.stderr)
+            reply["status"] = 500
+        if reply["status"] != 200:
+            return await reply_error(send, reply["status"], upstream_error(reply["status"], reply["body"]))
+        answer = json.loads(reply["body"])
+        answer["model"] = self.task
+        self.log(payload, answer, time.perf_counter() - start)  # logged before the client hears back
+        body = json.dumps(answer, ensure_ascii=False).encode()
+        headers = [(k, v) for k, v in reply["headers"] if k.lower() != b"content-length"]
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": headers + [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
-    def log(self, payload: dict, body: bytes, seconds: float) -> None:
-        answer = json.loads(body)
+    def log(self, payload: dict, answer: dict, seconds: float) -> None:
         user = [m["content"] for m in payload["messages"] if m.get("role") == "user"]
         append_request(self.log_file, {
             "task": self.task, "input": user[-1] if user else "", "output": answer["choices"][0]["message"]["content"],
             "latency_ms": 1000 * seconds, "model_file": self.model_file.name, "model_sha256": self.model_sha256,
         })
 
-    def check(self, body: bytes) -> tuple[dict, str, int]:
-        """(payload with defaults, problem, HTTP status): a clear 4xx instead of a server error."""
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            return {}, f"request body is not valid JSON: {err}", 400
-        if not isinstance(payload, dict):
-            return {}, "request body must be a JSON object", 400
-        messages = payload.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return {}, "'messages' must be a non-empty list", 400
-        if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
-                   for m in messages):
-            return {}, "each message needs a role (system, user or assistant) and a string content", 400
-        size = sum(len(m["content"]) for m in messages)
-        if size > self.max_input_chars:
-            return {}, f"input of {size} characters exceeds this server's limit of {self.max_input_chars}", 413
-        if payload.get("stream"):
-            return {}, "streaming is not supported: the request log needs the whole answer", 400
-        if messages[0]["role"] != "system" and self.system_prompt:
-            payload["messages"] = [{"role": "system", "content": self.system_prompt}, *messages]
-        payload.setdefault("temperature", 0.0)
-        return payload, "", 200
+
+def field_problems(payload: dict) -> str:
+    """llama-cpp-python's own request schema, checked here: its route turns a validation error into a 500
+    whose message quotes the request."""
+    from llama_cpp.server.types import CreateChatCompletionRequest
+    from pydantic import ValidationError
+
+    try:
+        CreateChatCompletionRequest.model_validate(payload)
+    except ValidationError as err:
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+    return ""
 
 
-async def reply_error(send, status: int, message: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
+def iter_strings(value):
+    """Every string in a JSON value, object keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from iter_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from iter_strings(v)
+
+
+def is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def upstream_error(status: int, body: bytes) -> str:
+    """A safe message for an error llama-cpp-python returned: its 4xx reasons (context length, field
+    validation: location and message, without the offending input), never its 5xx text, which quotes the body."""
+    if status >= 500:
+        return "the model server failed on this request (details are in the server's log)"
+    try:
+        detail = json.loads(body)
+    except ValueError:
+        return f"the model server refused the request (HTTP {status})"
+    if isinstance(detail.get("error"), dict) and isinstance(detail["error"].get("message"), str):
+        return detail["error"]["message"]
+    if isinstance(detail.get("detail"), str):
+        return detail["detail"]
+    if isinstance(detail.get("detail"), list):
+        return "; ".join(f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg', '')}" for e in detail["detail"]
+                         if isinstance(e, dict))
+    return f"the model server refused the request (HTTP {status})"
+
+
+async def reply_error(send, status: int, message: str, extra_headers: list | None = None) -> None:
+    kind = "authentication_error" if status == 401 else "server_error" if status >= 500 else "invalid_request_error"
+    body = json.dumps({"error": {"message": message, "type": kind}}).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(extra_headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
-def build_app(task: str, quantization: str | None = None, n_ctx: int = 1024):
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
+
+
+def resolve_api_key(host: str, api_key: str | None) -> str | None:
+    """The key from --api-key or $TUNEFORGE_API_KEY; required when the server listens beyond loopback."""
+    key = api_key or os.environ.get(API_KEY_ENV) or None
+    if key is None and not is_loopback(host):
+        raise ServeError(f"--host {host} exposes the model beyond this machine: set an API key with "
+                         f"${API_KEY_ENV} (or --api-key); clients send it as 'Authorization: Bearer <key>'")
+    return key
+
+
+def build_app(task: str, quantization: str | None = None, n_ctx: int = 1024, api_key: str | None = None):
     """quantization: a type from export.quantizations; by default the one the export gate checked."""
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
@@ -115,19 +278,28 @@ def build_app(task: str, quantization: str | None = None, n_ctx: int = 1024):
     from tuneforge.core.paths import models_dir, production_file
 
     params = load_params()
-    spec = params.task(task)
+    try:
+        spec = params.task(task)
+    except KeyError as err:
+        raise ServeError(err.args[0]) from None
     model_file = models_dir(task) / "gguf" / f"model-{quantization or params.export.gate_quantization}.gguf"
     if not model_file.exists():
-        raise FileNotFoundError(f"{model_file} does not exist: run `dvc repro export@{task}` first")
-    app = create_app(server_settings=ServerSettings(),
+        raise ServeError(f"{model_file} does not exist: run `dvc repro export@{task}` first")
+    # The key is checked twice: by RequestLog before any body is read, and by llama-cpp-python's own routes.
+    app = create_app(server_settings=ServerSettings(api_key=api_key),
                      model_settings=[ModelSettings(model=str(model_file), model_alias=task, n_ctx=n_ctx,
                                                    n_threads=params.export.n_threads, verbose=False)])
     # A character is at least a quarter of a token here; keep room for the answer in the context.
     return RequestLog(app, task=task, log_file=production_file(task), system_prompt=spec.system_prompt,
-                      model_file=model_file, model_sha256=file_sha256(model_file), max_input_chars=2 * n_ctx)
+                      model_file=model_file, model_sha256=file_sha256(model_file), max_input_chars=2 * n_ctx,
+                      api_key=api_key)
 
 
-def serve(task: str, host: str, port: int, quantization: str | None) -> None:
+def serve(task: str, host: str, port: int, quantization: str | None, api_key: str | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(build_app(task, quantization), host=host, port=port, log_level="warning")
+    key = resolve_api_key(host, api_key)
+    if not is_loopback(host):
+        print(f"tuneforge serve: listening on {host}:{port} with an API key, over plain HTTP: put a TLS proxy in "
+              "front of it before the key crosses a network you do not trust", file=sys.stderr)
+    uvicorn.run(build_app(task, quantization, api_key=key), host=host, port=port, log_level="warning")

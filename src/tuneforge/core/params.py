@@ -6,11 +6,13 @@ surfacing later as a KeyError deep inside a notebook.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from tuneforge.core.paths import repo_root
 
@@ -32,6 +34,12 @@ class OutputSpec(Strict):
             raise ValueError("output.kind json_object needs a non-empty output.allowed_keys list")
         if self.kind == "label" and len(self.labels) < 2:
             raise ValueError("output.kind label needs output.labels with at least two labels")
+        for name, items in (("labels", self.labels), ("allowed_keys", self.allowed_keys)):
+            repeated = sorted({x for x in items if items.count(x) > 1})
+            if repeated:
+                raise ValueError(f"output.{name} lists {repeated} more than once")
+            if any(not x.strip() for x in items):
+                raise ValueError(f"output.{name} holds an empty name")
         return self
 
 
@@ -76,7 +84,7 @@ class TaskSpec(Strict):
 
 class ModelSpec(Strict):
     base: str = Field(EMBEDDED_BASE, description="'smollm2-135m-instruct', a local HF folder or a hub id")
-    trust_remote_code: bool = False
+    trust_remote_code: StrictBool = False  # StrictBool: a quoted "yes" or "false" must not turn into a bool
 
 
 class SplitSpec(Strict):
@@ -105,7 +113,7 @@ class LoraSpec(Strict):
 class TrainSpec(Strict):
     mode: Literal["auto", "qlora", "lora"] = Field("auto", description="auto: QLoRA on CUDA, LoRA on CPU")
     max_seq_len: int = Field(256, ge=16)
-    packing: bool = True
+    packing: StrictBool = True
     lora: LoraSpec = LoraSpec()
     learning_rate: float = Field(1e-3, gt=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
@@ -114,7 +122,7 @@ class TrainSpec(Strict):
     max_steps: int = Field(0, ge=0, description="0: run the given epochs")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
     grad_accum: int = Field(1, ge=1)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: StrictBool = False
     eval_every: int = Field(10, ge=1)
     eval_rows: int = Field(64, ge=1)
     early_stopping_patience: int = Field(3, ge=1)
@@ -165,6 +173,9 @@ class DriftSpec(Strict):
     max_rows: int = Field(300, ge=1, description="judge the most recent requests only")
 
 
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
 class Params(Strict):
     model: ModelSpec = ModelSpec()
     split: SplitSpec = SplitSpec()
@@ -174,6 +185,17 @@ class Params(Strict):
     evaluate: EvaluateSpec = EvaluateSpec()
     export: ExportSpec = ExportSpec()
     drift: DriftSpec = DriftSpec()
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_names_are_identifiers(cls, tasks: object) -> object:
+        # A task name becomes a folder name (data/processed/<task>) and a word on a DVC command line:
+        # checked before the specs, so `../x` is named as a bad name whatever its settings.
+        bad = [name for name in tasks if not (isinstance(name, str) and TASK_NAME.fullmatch(name))] if isinstance(tasks, dict) else []
+        if bad:
+            raise ValueError(f"task name(s) {bad} must match {TASK_NAME.pattern}: letters, digits, '_' and '-', "
+                             "starting with a letter or digit, at most 64 characters")
+        return tasks
 
     def task(self, name: str) -> TaskSpec:
         if name not in self.tasks:
@@ -185,15 +207,44 @@ class ParamsError(ValueError):
     pass
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: plain YAML keeps the
+    last one silently, so a second `train:` section would replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges may repeat keys by design
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader reports unhashable keys itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; relative paths resolve against the repository root."""
     path = Path(path)
     if not path.is_absolute():
         path = repo_root() / path
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ParamsError(f"{where}: not valid YAML: {err.problem or err.context}") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of sections (model:, tasks:, train:, ...), "
+                          f"got a {type(raw).__name__}")
     unknown = sorted(set(raw) - set(Params.model_fields))
     if unknown:  # a typo such as `trian:` would otherwise run silently with defaults
         raise ParamsError(f"{path}: unknown section(s) {unknown}; known: {sorted(Params.model_fields)}")

@@ -7,6 +7,7 @@ stage writes the rejects to data/quarantine/<task>.jsonl.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -38,8 +39,30 @@ class Record:
         return "\n".join(m["content"] for m in self.messages if m["role"] == "user")
 
     @property
+    def answers(self) -> list[str]:
+        """Every assistant turn: each one is trained on, so each one is validated."""
+        return [m["content"] for m in self.messages if m["role"] == "assistant"]
+
+    @property
     def answer(self) -> str:
-        return [m["content"] for m in self.messages if m["role"] == "assistant"][-1]
+        return self.answers[-1]
+
+    @property
+    def line(self) -> int:
+        return int(self.source.rsplit(":", 1)[1])
+
+    def problem(self) -> str:
+        """Why the conversation cannot be trained on, whatever its format, or ''."""
+        roles = [m["role"] for m in self.messages]
+        if not all(_is_utf8(m["content"]) for m in self.messages):
+            return "a message holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)"
+        if "system" in roles[1:]:
+            return f"system message at position {roles.index('system', 1)}: only the first message may be the system prompt"
+        if "user" not in roles:
+            return "no user message"
+        if any(not m["content"].strip() for m in self.messages if m["role"] == "user"):
+            return "empty input (a user message is blank)"
+        return ""
 
     def to_json(self) -> dict:
         return {"id": self.id, "messages": self.messages, "source": self.source}
@@ -53,13 +76,16 @@ class Rejected:
     raw: str = field(default="")
 
     def to_json(self) -> dict:
-        return {"file": self.file, "line": self.line, "reason": self.reason, "raw": self.raw[:500]}
+        # backslashreplace: undecodable bytes (kept as lone surrogates) are shown as \udcXX, not a write error
+        raw = self.raw[:500].encode("utf-8", "backslashreplace").decode("utf-8")
+        return {"file": self.file, "line": self.line, "reason": self.reason, "raw": raw}
 
 
 def content_id(messages: list[dict[str, str]]) -> str:
     """Stable id: the hash of the conversation's content, independent of file order."""
     canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    # surrogatepass: a record with a lone surrogate still gets an id (prepare then quarantines it)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _with_system(system_prompt: str, user: str, answer: str) -> list[dict[str, str]]:
@@ -68,8 +94,11 @@ def _with_system(system_prompt: str, user: str, answer: str) -> list[dict[str, s
 
 
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None, bytes]]:
-    """(line number, text or None when the bytes are not UTF-8, raw bytes), skipping nothing."""
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+    """(line number, text or None when the bytes are not UTF-8, raw bytes), skipping nothing.
+
+    A UTF-8 byte-order mark (Excel's "CSV UTF-8", Notepad) is dropped from the start of the file."""
+    data = path.read_bytes()
+    for number, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
         try:
             yield number, raw.decode("utf-8"), raw
         except UnicodeDecodeError as err:
@@ -164,66 +193,137 @@ def read_prompt_completion_jsonl(path: Path, rel: str, task: TaskSpec) -> Iterat
 
 
 def read_csv(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        yield Rejected(rel, line, "not valid UTF-8 (the whole CSV is rejected: fix the encoding)")
+    """A CSV with a header row; the task's `columns` name the input and output columns.
+
+    Parsed strictly, one record at a time from a known line: a quote that never closes, or closes mid-field,
+    rejects the record at the line where it opened and parsing resumes on the next line, so the rows after
+    it are not swallowed into one field. A field over the csv module's limit (131,072 characters) is rejected
+    the same way, and so is a record that is not UTF-8. Quoted fields may still span lines: their record is
+    reported at the line it starts on. A header without the task's columns rejects the file as one entry.
+    """
+    # surrogateescape keeps undecodable bytes as lone surrogates, so only the records holding them are rejected
+    text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
+    lines = io.StringIO(text, newline="").readlines()  # line ends kept, as csv expects
+    rows = _csv_rows(lines, rel)
+    header = next(rows, None)
+    if header is None:
         return
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if isinstance(header, Rejected):
+        yield Rejected(rel, header.line, f"CSV header: {header.reason}", header.raw)
+        return
+    _, columns = header
     in_col, out_col = task.columns["input"], task.columns["output"]
-    missing = [c for c in (in_col, out_col) if c not in (reader.fieldnames or [])]
-    if missing:
-        yield Rejected(rel, 1, f"CSV header lacks column(s) {missing}; it has {reader.fieldnames}")
+    missing = [c for c in (in_col, out_col) if c not in columns]
+    problem = (f"CSV header lacks column(s) {missing}; it has {columns}" if missing
+               else f"CSV header repeats a column name: {columns}" if len(set(columns)) != len(columns) else "")
+    if problem:
+        yield Rejected(rel, 1, f"{problem} (none of the {sum(1 for _ in rows)} records after it was read)")
         return
-    for row in reader:
-        number = reader.line_num  # physical line where this row ends
-        user, answer = row.get(in_col), row.get(out_col)
-        if user is None or answer is None or None in row:
-            yield Rejected(rel, number, "wrong number of columns", json.dumps(row, default=str)[:500])
+    for item in rows:
+        if isinstance(item, Rejected):
+            yield item
             continue
-        yield Record(_with_system(task.system_prompt, user, answer), f"{rel}:{number}")
+        number, values = item
+        if len(values) != len(columns):
+            yield Rejected(rel, number, f"wrong number of columns: {len(values)}, the header has {len(columns)}",
+                           json.dumps(values)[:500])
+            continue
+        row = dict(zip(columns, values))
+        yield Record(_with_system(task.system_prompt, row[in_col], row[out_col]), f"{rel}:{number}")
+
+
+def _csv_rows(lines: list[str], rel: str) -> Iterator[tuple[int, list[str]] | Rejected]:
+    """(line the record starts on, fields) for each non-blank record, or a Rejected for a malformed one."""
+    i = 0
+    while i < len(lines):
+        if not lines[i].strip():
+            i += 1  # blank lines carry no record
+            continue
+        reader = csv.reader((lines[j] for j in range(i, len(lines))), strict=True)
+        try:
+            values = next(reader)
+        except csv.Error as err:
+            end = i + reader.line_num
+            where = "" if end == i + 1 else f" (the parser gave up at line {end})"
+            yield Rejected(rel, i + 1, f"malformed CSV record: {err}{where}; a quote opened here may never close",
+                           lines[i])
+            i += 1
+            continue
+        start, i = i, i + reader.line_num
+        if not _is_utf8("".join(values)):
+            yield Rejected(rel, start + 1, "not valid UTF-8", "".join(lines[start:i]))
+            continue
+        yield start + 1, values
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_usaddress_xml(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
     """usaddress's labeled.xml: one <AddressString> per address (a few span lines), one element per token.
 
     The answer maps each tag to its tokens joined by spaces (trailing commas
-    stripped), keys in order of first appearance.
+    stripped), keys in order of first appearance. Any other line outside an address is rejected, and an
+    address still open when the next one starts is rejected alone, so it cannot swallow its neighbour.
     """
     pending: list[str] = []
     start = 0
+
+    def parse(chunk: str, start: int) -> Record | Rejected:
+        try:
+            element = ET.fromstring(chunk)
+        except ET.ParseError as err:
+            return Rejected(rel, start, f"malformed XML: {err}", chunk)
+        if element.tag != "AddressString":
+            return Rejected(rel, start, f"expected <AddressString>, got <{element.tag}>", chunk)
+        address = " ".join("".join(element.itertext()).split())
+        fields: dict[str, list[str]] = {}
+        for token in element:
+            value = " ".join("".join(token.itertext()).split()).rstrip(",").strip()
+            if value:
+                fields.setdefault(token.tag, []).append(value)
+        if not fields:
+            return Rejected(rel, start, "address has no labelled tokens", chunk)
+        answer = json.dumps({tag: " ".join(values) for tag, values in fields.items()}, ensure_ascii=False)
+        return Record(_with_system(task.system_prompt, address, answer), f"{rel}:{start}")
+
+    not_utf8 = 0  # a line of the pending address that is not UTF-8: the address is rejected once, as a whole
     for number, text, raw in _decoded_lines(path):
         if text is None:
-            yield Rejected(rel, number, "not valid UTF-8", repr(raw))
-            pending = []
-            continue
-        if not pending and not text.strip().startswith("<AddressString"):
-            continue  # the collection's opening and closing tags
+            if not pending:
+                yield Rejected(rel, number, "not valid UTF-8", repr(raw))
+                continue
+            not_utf8, text = not_utf8 or number, repr(raw)
+        opens = text.lstrip().startswith("<AddressString")
+        if pending and opens:
+            yield Rejected(rel, start, f"unterminated <AddressString>: the next address starts at line {number}",
+                           "\n".join(pending))
+            pending, not_utf8 = [], 0
+        if not pending and not opens:
+            if text.strip() and not _XML_FRAME.match(text.strip()):
+                yield Rejected(rel, number, "line outside any <AddressString> element", text)
+            continue  # blank lines, the declaration, comments, the collection's opening and closing tags
         if not pending:
             start = number
         pending.append(text)
         if "</AddressString>" not in text:
             continue
         chunk, pending = "\n".join(pending).strip(), []
-        try:
-            element = ET.fromstring(chunk)
-        except ET.ParseError as err:
-            yield Rejected(rel, start, f"malformed XML: {err}", chunk)
+        if not_utf8:
+            yield Rejected(rel, start, f"line {not_utf8} of this address is not valid UTF-8", chunk)
+            not_utf8 = 0
             continue
-        address = " ".join("".join(element.itertext()).split())
-        fields: dict[str, list[str]] = {}
-        for token in element:
-            value = " ".join((token.text or "").split()).rstrip(",").strip()
-            if value:
-                fields.setdefault(token.tag, []).append(value)
-        if not fields:
-            yield Rejected(rel, start, "address has no labelled tokens", chunk)
-            continue
-        answer = json.dumps({tag: " ".join(values) for tag, values in fields.items()}, ensure_ascii=False)
-        yield Record(_with_system(task.system_prompt, address, answer), f"{rel}:{start}")
+        yield parse(chunk, start)
     if pending:
         yield Rejected(rel, start, "unterminated <AddressString> at end of file", "\n".join(pending))
+
+
+_XML_FRAME = re.compile(r"^(<\?xml[^>]*\?>|<!--.*-->|</?AddressCollection\s*>)$")
 
 
 _SMS_CSV_ROW = re.compile(r"^(\d+),([01]),(.*)$")
@@ -278,11 +378,25 @@ READER_FUNCTIONS = {
 
 
 def read_source(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
-    """Read one raw source with the task's reader; a missing or empty file is a reject, not a crash."""
+    """Read one raw source with the task's reader. A missing, unreadable or empty file, or one in which the
+    reader finds no record at all (a header alone), is a reject at line 0, not a crash."""
     if not path.exists():
         yield Rejected(rel, 0, "file not found")
         return
-    if path.stat().st_size == 0 or not path.read_bytes().strip():
+    if not path.is_file():
+        yield Rejected(rel, 0, "not a regular file (a directory?): `source` must name one file")
+        return
+    try:
+        content = path.read_bytes()
+    except OSError as err:
+        yield Rejected(rel, 0, f"cannot read the file: {err.strerror}")
+        return
+    if not content.removeprefix(codecs.BOM_UTF8).strip():
         yield Rejected(rel, 0, "file is empty")
         return
-    yield from READER_FUNCTIONS[task.reader](path, rel, task)
+    found = False
+    for item in READER_FUNCTIONS[task.reader](path, rel, task):
+        found = True
+        yield item
+    if not found:
+        yield Rejected(rel, 0, f"no record found: the {task.reader} reader saw only headers, framing or blank lines")

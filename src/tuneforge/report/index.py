@@ -98,3 +98,7 @@ def build_index(root: Path | None = None) -> Path:
     out = root / "reports" / "index.html"
     out.write_text(page, encoding="utf-8")
     return out
+
+
+if __name__ == "__main__":  # the DVC stage's command: python -m tuneforge.report.index
+    print(f"wrote {build_index()}")

@@ -55,3 +55,17 @@ def run_notebook(name: str, task: str | None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="run one stage notebook with papermill and render its report")
+    parser.add_argument("name", help="notebook name without .ipynb, e.g. 01_data_audit")
+    parser.add_argument("--task", help="task name from params.yaml")
+    args = parser.parse_args(argv)
+    return run_notebook(args.name, args.task)
+
+
+if __name__ == "__main__":  # the DVC stages' command: python -m tuneforge.report.notebook NAME --task TASK
+    sys.exit(main())

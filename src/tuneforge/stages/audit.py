@@ -129,8 +129,15 @@ def loss_mask_html(tokenizer, messages: list[dict[str, str]]) -> str:
     return '<pre style="white-space:pre-wrap;font-size:12px">' + "".join(spans) + "</pre>"
 
 
+def record_accounting(metrics: dict) -> list[tuple[str, int]]:
+    """Where the raw records went, for the report: the first three rows add up to the last."""
+    return [("kept (in a split)", metrics["kept_records"]), ("quarantined", metrics["quarantined"]),
+            ("exact duplicates removed", metrics["exact_duplicates_removed"]), ("raw records read", metrics["raw_records"])]
+
+
 def gate(metrics: dict, spec: AuditSpec) -> list[str]:
     """Threshold breaches, each a sentence naming the number and the setting it broke."""
+    unaccounted = metrics.get("unaccounted_records", 0)
     checks = [
         (metrics["invalid_fraction"] > spec.max_invalid_fraction,
          f"{metrics['invalid_fraction']:.1%} of raw records were quarantined (audit.max_invalid_fraction = {spec.max_invalid_fraction:.1%})"),
@@ -144,6 +151,7 @@ def gate(metrics: dict, spec: AuditSpec) -> list[str]:
          f"{metrics['pii_fraction']:.1%} of records contain an email, phone or card-like number (audit.max_pii_fraction = {spec.max_pii_fraction:.1%})"),
         (metrics["train_records"] < spec.min_records,
          f"only {metrics['train_records']} training records (audit.min_records = {spec.min_records})"),
+        (unaccounted != 0, f"{unaccounted} raw records are neither kept, quarantined nor exact duplicates"),
     ]
     return [message for failed, message in checks if failed]
 
@@ -173,24 +181,31 @@ def run_audit(splits: dict[str, list[dict]], quarantine: list[dict], prepare_sum
     lengths, trained = {}, {}
     for name, rows in splits.items():
         lengths[name], trained[name] = token_lengths(tokenizer, rows)
-    all_lengths = np.concatenate(list(lengths.values()))
-    all_trained = np.concatenate(list(trained.values()))
+    # An empty source reaches the audit with no records at all: its verdict is the min_records gate, not a crash.
+    all_lengths = np.concatenate([np.zeros(0, dtype=int), *lengths.values()])
+    all_trained = np.concatenate([np.zeros(0, dtype=int), *trained.values()])
+    kept = len(everything)
+    duplicates = prepare_summary["exact_duplicates_removed"]
     held_out = sum(len(splits.get(s, [])) for s in ("validation", "test"))
     pii_kinds = Counter(kind for _, found in pii for kind in found)
     metrics = {
+        "train_records": 0,
         **{f"{name}_records": len(rows) for name, rows in splits.items()},
+        # Where every raw record went: kept + quarantined + exact duplicates = raw.
         "raw_records": prepare_summary["raw_records"],
+        "kept_records": kept,
         "quarantined": len(quarantine),
+        "exact_duplicates_removed": duplicates,
+        "unaccounted_records": prepare_summary["raw_records"] - kept - len(quarantine) - duplicates,
         "invalid_fraction": len(quarantine) / max(1, prepare_summary["raw_records"]),
-        "exact_duplicates_removed": prepare_summary["exact_duplicates_removed"],
         "exact_leakage": len(leaks),
         "near_duplicates_within": sum(near.within.values()),
         "near_leakage_fraction": sum(near.leaked.get(s, 0) for s in ("validation", "test")) / max(1, held_out),
-        "tokens_p50": float(np.percentile(all_lengths, 50)),
-        "tokens_p95": float(np.percentile(all_lengths, 95)),
-        "tokens_max": int(all_lengths.max()),
-        "over_length_fraction": float((all_lengths > max_seq_len).mean()),
-        "trained_token_share": float(all_trained.sum() / all_lengths.sum()),
+        "tokens_p50": float(np.percentile(all_lengths, 50)) if kept else 0.0,
+        "tokens_p95": float(np.percentile(all_lengths, 95)) if kept else 0.0,
+        "tokens_max": int(all_lengths.max(initial=0)),
+        "over_length_fraction": float((all_lengths > max_seq_len).mean()) if kept else 0.0,
+        "trained_token_share": float(all_trained.sum() / max(1, all_lengths.sum())),
         "pii_fraction": len(pii) / max(1, len(everything)),
         **{f"pii_{kind}": n for kind, n in pii_kinds.items()},
     }

@@ -22,3 +22,14 @@ def export_base_gguf(params: Params, base_dir: Path, out_dir: Path) -> Path:
         f16 = convert_to_gguf(base_dir, Path(scratch) / "model-f16.gguf", "f16")
         quantize_gguf(f16, out_file, quantization, tensor_types=params.export.tensor_types)
     return out_file
+
+
+def main() -> None:
+    from tuneforge.core.params import load_params
+    from tuneforge.core.paths import base_gguf_dir, base_model_dir
+
+    print(f"wrote {export_base_gguf(load_params(), base_model_dir(), base_gguf_dir())}")
+
+
+if __name__ == "__main__":  # the DVC stage's command: python -m tuneforge.stages.base_gguf
+    main()

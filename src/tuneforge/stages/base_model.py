@@ -52,3 +52,15 @@ def save_base_model(spec: ModelSpec, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def main() -> None:
+    from tuneforge.core.params import load_params
+    from tuneforge.core.paths import base_model_dir
+
+    save_base_model(load_params().model, base_model_dir())
+    print(f"saved {base_model_dir()}")
+
+
+if __name__ == "__main__":  # the DVC stage's command: python -m tuneforge.stages.base_model
+    main()

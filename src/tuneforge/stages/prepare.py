@@ -22,15 +22,20 @@ SPLITS = ("train", "validation", "test")
 
 @dataclass
 class Prepared:
+    """Every raw record ends up in exactly one place: a split, the quarantine, or `duplicates`."""
+
     splits: dict[str, list[Record]]
     rejected: list[Rejected]
     raw_count: int
-    exact_duplicates: int
-    duplicate_examples: list[tuple[str, str]] = field(default_factory=list)  # (kept source, dropped source)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (kept source, dropped source)
 
     @property
     def kept(self) -> int:
         return sum(len(v) for v in self.splits.values())
+
+    @property
+    def exact_duplicates(self) -> int:
+        return len(self.duplicates)
 
 
 def split_of(group_key: str, split: SplitSpec, production_fraction: float) -> str:
@@ -61,10 +66,9 @@ def prepare(task: TaskSpec, split: SplitSpec, root: Path) -> Prepared:
         if isinstance(item, Rejected):
             rejected.append(item)
             continue
-        problem = answer_problem(item.answer, task.output)
+        problem, raw = record_problem(item, task)
         if problem:
-            file, line = item.source.rsplit(":", 1)
-            rejected.append(Rejected(file, int(line), problem, item.answer))
+            rejected.append(Rejected(rel, item.line, problem, raw))
             continue
         valid.append(item)
 
@@ -82,12 +86,16 @@ def prepare(task: TaskSpec, split: SplitSpec, root: Path) -> Prepared:
         if record.id in by_id:
             duplicates.append((by_id[record.id].source, record.source))
             continue
-        prompt_key = json.dumps(record.messages[:-1], ensure_ascii=False)
-        if prompt_key in answer_for_input:
+        # Inputs that differ only in case or spacing are one input to a model: two answers for it teach a
+        # coin toss. Answers are compared the same way, so JSON values copied from a differently capitalised
+        # input ("MAIN ST" / "Main St") are no conflict. Punctuation stays significant ("# 86" vs "& 86").
+        prompt_key = json.dumps([[m["role"], casefold(m["content"])] for m in record.messages[:-1]])
+        if prompt_key in answer_for_input and casefold(answer_for_input[prompt_key].answer) != casefold(record.answer):
             first = answer_for_input[prompt_key]
-            rejected.append(Rejected(file, int(line), f"same input as {first.source} with a different answer", record.answer))
+            rejected.append(Rejected(file, int(line), f"same input as {first.source} (ignoring case and spacing) "
+                                     f"with a different answer", record.answer))
             continue
-        answer_for_input[prompt_key] = record
+        answer_for_input.setdefault(prompt_key, record)
         by_id[record.id] = record
 
     splits: dict[str, list[Record]] = {name: [] for name in (*SPLITS, "production")}
@@ -95,7 +103,42 @@ def prepare(task: TaskSpec, split: SplitSpec, root: Path) -> Prepared:
         splits[split_of(normalise(record.user_text), split, task.production_fraction)].append(record)
     if not task.production_fraction:
         del splits["production"]
-    return Prepared(splits, rejected, raw_count, len(duplicates), duplicates[:20])
+    return Prepared(splits, rejected, raw_count, duplicates)
+
+
+def casefold(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def record_problem(record: Record, task: TaskSpec) -> tuple[str, str]:
+    """(why the record cannot be trained on, the text at fault), or ("", "").
+
+    Every assistant turn is checked, not only the last: chat.render puts loss on each of them."""
+    problem = record.problem()
+    if problem:
+        return problem, record.user_text
+    answers = record.answers
+    for turn, answer in enumerate(answers, start=1):
+        problem = answer_problem(answer, task.output) or repeated_keys(answer, task)
+        if problem:
+            where = f"assistant turn {turn} of {len(answers)}: " if len(answers) > 1 else ""
+            return where + problem, answer
+    return "", ""
+
+
+def repeated_keys(answer: str, task: TaskSpec) -> str:
+    """json.loads keeps the last of two equal keys; the model would be trained on both."""
+    if task.output.kind != "json_object":
+        return ""
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        keys = [k for k, _ in items]
+        repeated.extend(sorted({k for k in keys if keys.count(k) > 1}))
+        return dict(items)
+
+    json.loads(answer, object_pairs_hook=pairs)  # answer_problem has already parsed it
+    return f"answer repeats key(s) {repeated}" if repeated else ""
 
 
 def write_prepared(prepared: Prepared, out_dir: Path, quarantine: Path, production: Path) -> dict:
@@ -106,6 +149,7 @@ def write_prepared(prepared: Prepared, out_dir: Path, quarantine: Path, producti
         "raw_records": prepared.raw_count,
         "quarantined": len(prepared.rejected),
         "exact_duplicates_removed": prepared.exact_duplicates,
+        "kept_records": prepared.kept,
         **{f"{name}_records": len(records) for name, records in prepared.splits.items()},
         "quarantine_reasons": dict(Counter(r.reason.split(" (")[0].split(":")[0] for r in prepared.rejected)),
     }

@@ -137,7 +137,7 @@ def load_checkpoint(folder: Path, model, optimizer, expected_fingerprint: str, b
     if state["fingerprint"] != expected_fingerprint:
         print(f"ignoring checkpoint {folder}: it was made with other settings or data")
         return None
-    saved = torch.load(folder / "state.pt", weights_only=False)
+    saved = torch.load(folder / "state.pt", weights_only=True)  # a crafted pickle must not run code
     lm = causal_lm(model)
     lm.load_state_dict(saved["trainable"], strict=False)
     optimizer.load_state_dict(saved["optimizer"])
