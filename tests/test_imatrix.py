@@ -110,7 +110,7 @@ def test_adapter_over_the_base_answers_like_the_merged_model(built):
     tokenizer = built["tokenizer"]
     merged = generate_gguf(load_llama(built["merged_f16"], n_threads=2), tokenizer, RECORDS, 16).outputs
     base = generate_gguf(load_llama(built["f16"], n_threads=2), tokenizer, RECORDS, 16).outputs
-    switch = AdapterSwitch(built["f16"], {"task": built["adapter"]}, n_threads=2)
+    switch = AdapterSwitch.load(built["f16"], {"task": built["adapter"]}, n_threads=2)
     assert switch.use("task") >= 0 and switch.use("task") == 0.0  # a second use() of the same adapter is free
     with_adapter = generate_gguf(switch.llm, tokenizer, RECORDS, 16).outputs
     switch.use(None)
@@ -123,10 +123,10 @@ def test_adapter_over_the_base_answers_like_the_merged_model(built):
 
 def test_adapter_errors_name_the_file(built, tmp_path):
     with pytest.raises(FileNotFoundError, match="base_gguf"):
-        AdapterSwitch(tmp_path / "missing.gguf", {})
+        AdapterSwitch.load(tmp_path / "missing.gguf", {})
     with pytest.raises(FileNotFoundError, match="export@task"):
-        AdapterSwitch(built["f16"], {"task": tmp_path / "missing.gguf"}, n_threads=1)
-    switch = AdapterSwitch(built["f16"], {}, n_threads=1)
+        AdapterSwitch.load(built["f16"], {"task": tmp_path / "missing.gguf"}, n_threads=1)
+    switch = AdapterSwitch.load(built["f16"], {}, n_threads=1)
     with pytest.raises(KeyError, match="no adapter loaded for 'other'"):
         switch.use("other")
     switch.close()

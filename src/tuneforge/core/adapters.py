@@ -17,26 +17,30 @@ from tuneforge.core.gguf import load_llama
 class AdapterSwitch:
     """A Llama over the base file whose active LoRA adapter is chosen per call to use(name)."""
 
-    def __init__(self, base_file: Path, adapters: dict[str, Path], *, n_ctx: int = 1024, n_threads: int | None = None,
-                 logits_all: bool = False):
+    def __init__(self, llm, adapters: dict[str, Path]):
+        """llm: a llama_cpp.Llama over the base GGUF (e.g. the one llama-cpp-python's server loaded)."""
         import llama_cpp
 
-        if not base_file.is_file():
-            raise FileNotFoundError(f"{base_file} does not exist: run `dvc repro base_gguf` first")
-        self.llm = load_llama(base_file, n_ctx=n_ctx, n_threads=n_threads, logits_all=logits_all)
-        self.base_file = base_file
+        self.llm = llm
         self.files = dict(adapters)
         self.adapters = {}
         for name, path in adapters.items():
             if not Path(path).is_file():
                 raise FileNotFoundError(f"adapter for {name!r}: {path} does not exist: run `dvc repro export@{name}` first")
-            pointer = llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode())
+            pointer = llama_cpp.llama_adapter_lora_init(llm.model, str(path).encode())
             if not pointer:
-                raise RuntimeError(f"llama.cpp could not load the LoRA adapter {path} over {base_file} "
+                raise RuntimeError(f"llama.cpp could not load the LoRA adapter {path} over {llm.model_path} "
                                    "(was it converted from an adapter of this base model?)")
             self.adapters[name] = pointer
         self.active: str | None = None
-        self.llm._stack.callback(self._free)  # before the context and the model (the stack unwinds in reverse)
+        llm._stack.callback(self._free)  # before the context and the model (the stack unwinds in reverse)
+
+    @classmethod
+    def load(cls, base_file: Path, adapters: dict[str, Path], *, n_ctx: int = 1024, n_threads: int | None = None,
+             logits_all: bool = False) -> AdapterSwitch:
+        if not base_file.is_file():
+            raise FileNotFoundError(f"{base_file} does not exist: run `dvc repro base_gguf` first")
+        return cls(load_llama(base_file, n_ctx=n_ctx, n_threads=n_threads, logits_all=logits_all), adapters)
 
     def use(self, name: str | None) -> float:
         """Make `name`'s adapter the only one applied (None: the bare base model); returns the seconds it took."""

@@ -117,6 +117,7 @@ def quantize_gguf(in_file: Path, out_file: Path, qtype: str, *, imatrix: dict[st
         raise ValueError(f"unknown quantization type {qtype!r}; llama.cpp knows {known}")
     if not in_file.is_file():
         raise FileNotFoundError(f"{in_file} does not exist: convert the model to GGUF first")
+    out_file.parent.mkdir(parents=True, exist_ok=True)  # llama.cpp only says "iostream error" otherwise
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 1  # 0 would mean the host's core count, not the ones this process may use

@@ -280,7 +280,7 @@ def run_export(task: str, params: Params) -> ExportResult:
 
     # The task's adapter over the shared base file, as `tuneforge serve` without --task runs it.
     def with_adapter(logits_all: bool):
-        switch = AdapterSwitch(base_file, {task: adapter_gguf(task)}, n_threads=cfg.n_threads, logits_all=logits_all)
+        switch = AdapterSwitch.load(base_file, {task: adapter_gguf(task)}, n_threads=cfg.n_threads, logits_all=logits_all)
         switch.use(task)
         return switch.llm
 
