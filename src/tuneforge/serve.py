@@ -21,7 +21,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneforge.core.traffic import append_request
@@ -48,6 +48,9 @@ class Route:
     model_sha256: str
     base_file: Path | None = None
     base_sha256: str | None = None
+    # Request fields this task adds when the client sent none: the seam for a per-task output constraint
+    # (e.g. {"grammar": ...} or {"response_format": ...} built from params' output spec), empty until core has one.
+    defaults: dict = field(default_factory=dict)
 
     def log_fields(self) -> dict:
         fields = {"model_file": self.model_file.name, "model_sha256": self.model_sha256}
@@ -142,7 +145,8 @@ class RequestLog:
             payload["model"] = route.task
         if payload["messages"][0]["role"] != "system" and route.system_prompt:
             payload["messages"] = [{"role": "system", "content": route.system_prompt}, *payload["messages"]]
-        payload.setdefault("temperature", 0.0)
+        for name, value in {"temperature": 0.0, **route.defaults}.items():
+            payload.setdefault(name, value)
         return payload, route, "", 200
 
     def check_payload(self, body: bytes) -> tuple[dict, str, int]:
