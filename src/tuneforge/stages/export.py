@@ -284,8 +284,9 @@ def run_export(task: str, params: Params) -> ExportResult:
         switch.use(task)
         return switch.llm
 
+    # Its size is what a token reads: the base file and the adapter (export.json also gives the adapter alone).
     add(f"GGUF base {cfg.base_quantization} + adapter", "adapter", adapter_gguf(task), len(records), with_adapter,
-        size_bytes=adapter_gguf(task).stat().st_size)
+        size_bytes=base_file.stat().st_size + adapter_gguf(task).stat().st_size)
     merged_same_type = outputs.get(cfg.base_quantization)
     extra = {"memory_bandwidth_gb_s": bandwidth, "imatrix_rows": imatrix_rows,
              "imatrix_seconds": imatrix_seconds, "adapter_size_mb": adapter_gguf(task).stat().st_size / 1e6,
