@@ -24,8 +24,8 @@ def test_a_file_short_of_either_bar_falls_back_and_says_by_how_much():
     rows = [*ROWS[:3], row("Q4_K_M", 105, -0.025, 0.93)]
     served, failures, notes = gate(rows, "micro_f1", ExportSpec())
     assert served == "Q8_0" and not failures
-    assert notes == ["Q4_K_M (105 MB) does not pass: micro_f1 0.025 below the HF model's (allowed 0.01); "
-                     "top-1 agreement 0.930 < 0.95 (short by 0.020)"]
+    assert notes == [("Q4_K_M (105 MB) does not pass: micro_f1 0.025 below the f16 file's, the fp32 HF model's twin "
+                      "(allowed 0.01); top-1 agreement 0.930 < 0.95 (short by 0.020)")]
 
 
 def test_no_passing_file_fails_the_gate():

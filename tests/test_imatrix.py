@@ -4,7 +4,6 @@ An importance matrix from real conversations reaches llama_model_quantize under 
 the k-quant file; a LoRA adapter converted to GGUF and applied over the base file answers like the merged model.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,9 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama_cpp is not importable: scripts/setup.sh installs llama-cpp-python")
 
-from tuneforge.core import quantize  # noqa: E402
-from tuneforge.core.adapters import AdapterSwitch  # noqa: E402
-from tuneforge.core.gguf import file_sha256, generate_gguf, load_llama  # noqa: E402
+from tuneforge.core import quantize
+from tuneforge.core.adapters import AdapterSwitch
+from tuneforge.core.gguf import file_sha256, generate_gguf, load_llama
 
 RECORDS = [
     {"messages": [{"role": "system", "content": "Parse the US address into JSON."},

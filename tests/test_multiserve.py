@@ -19,10 +19,10 @@ import torch
 
 pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is installed by scripts/setup.sh")
 openai = pytest.importorskip("openai")
-import httpx  # noqa: E402
+import httpx
 
-from tuneforge.core import quantize  # noqa: E402
-from tuneforge.core.gguf import load_llama  # noqa: E402
+from tuneforge.core import quantize
+from tuneforge.core.gguf import load_llama
 
 TASKS = {"address_json": ("Parse the US address into JSON.", ["1600 Pennsylvania Ave NW, Washington, DC 20500",
                                                               "350 Fifth Avenue, New York, NY 10118"]),
@@ -45,10 +45,9 @@ def root(tmp_path_factory, repo_root, base_model_dir):
         quantize.converter_dir("convert_lora_to_gguf.py")
     except FileNotFoundError as e:
         pytest.skip(str(e))
+    import yaml
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import yaml
 
     root = tmp_path_factory.mktemp("multiserve")
     params = yaml.safe_load((repo_root / "params.yaml").read_text())

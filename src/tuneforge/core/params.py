@@ -141,12 +141,11 @@ class EvaluateSpec(Strict):
 class ExportSpec(Strict):
     quantizations: list[str] = Field(default_factory=lambda: ["Q8_0", "Q4_K_M"], description="llama.cpp types, e.g. Q8_0, Q4_K_M")
     max_rows: int = Field(80, ge=0, description="test rows each GGUF answers (0: all)")
-    f16_rows: int = Field(10, ge=0, description="test rows the f16 file answers (it matches the HF model; parity still "
-                          "runs on parity_rows)")
     parity_rows: int = Field(40, ge=1, description="test rows for next-token agreement and KL")
     gate_quantization: str = Field("smallest", description="'smallest': the gate vouches for (and serve runs) the "
                                    "smallest file that passes; or one type from quantizations")
-    max_metric_drop: float = Field(0.01, ge=0, le=1, description="gate: allowed drop of the primary metric vs the HF model")
+    max_metric_drop: float = Field(0.01, ge=0, le=1, description="gate: allowed drop of the primary metric vs the f16 "
+                                   "file (the fp32 HF model's twin) on the same rows")
     min_top1_agreement: float = Field(0.95, ge=0, le=1, description="gate: next-token agreement with the HF model")
     imatrix_rows: int = Field(128, ge=0, description="training rows the importance matrix is collected on (0: none)")
     compare_without_imatrix: bool = Field(True, description="also build and measure each type without the importance "

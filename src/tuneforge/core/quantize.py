@@ -37,7 +37,8 @@ def _run_converter(script: str, args: list[str], what: Path) -> None:
     folder = converter_dir(script)
     # The bundled gguf-py first: PyPI's gguf is a different version and breaks this converter (LazyChunkedTensor).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder / "gguf-py"), str(folder)]), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(folder / script), *args], env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(folder / script), *args], env=env, capture_output=True, text=True,
+                            check=False)  # a failure is raised below with the converter's own message
     if result.returncode != 0:
         raise RuntimeError(f"{script} failed for {what}:\n{result.stderr[-3000:]}")
 
@@ -167,7 +168,6 @@ def hf_to_gguf_names(hf_model, gguf_file: Path) -> dict[str, str]:
     (the one the converter uses). Linear layers with no tensor in the file (e.g. a tied lm_head) are left out."""
     import gguf
     import torch
-
     from gguf import GGUFReader
 
     reader = GGUFReader(str(gguf_file))

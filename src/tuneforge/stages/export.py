@@ -8,7 +8,6 @@ The converters come from the sdist of the same llama-cpp-python version that run
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,13 @@ import torch
 
 from tuneforge.core.adapters import AdapterSwitch
 from tuneforge.core.chat import prompt_text
-from tuneforge.core.gguf import adapter_gguf, file_sha256, generate_gguf, gguf_files, load_llama
+from tuneforge.core.gguf import (
+    adapter_gguf,
+    file_sha256,
+    generate_gguf,
+    gguf_files,
+    load_llama,
+)
 from tuneforge.core.metrics import score_outputs
 from tuneforge.core.modeling import load_tokenizer
 from tuneforge.core.params import ExportSpec, Params
@@ -154,7 +159,7 @@ class ExportResult:
             key = r["label"]
             out.update({f"{key}_size_mb": r["size_mb"], f"{key}_{self.primary}": r[self.primary],
                         f"{key}_delta": r["delta"], f"{key}_rows": r["rows"], f"{key}_top1_agreement": r["top1_agreement"],
-                        f"{key}_mean_kl": r["mean_kl"], f"{key}_same_answers_as_hf": r["same_answers_as_hf"],
+                        f"{key}_mean_kl": r["mean_kl"], f"{key}_same_answers_as_reference": r["same_answers_as_reference"],
                         f"{key}_prompt_tokens_per_second": r["prompt_tok_s"],
                         f"{key}_generation_tokens_per_second": r["gen_tok_s"],
                         f"{key}_bandwidth_bound_fraction": r["bandwidth_bound_fraction"]})
@@ -163,7 +168,7 @@ class ExportResult:
 
 def gate(rows: list[dict], primary: str, spec: ExportSpec) -> tuple[str | None, list[str], list[str]]:
     """(served type, failures, notes): the smallest kept quantized file that loses at most export.max_metric_drop of
-    the HF model's primary metric and agrees with its next token at least export.min_top1_agreement of the time."""
+    the f16 file's primary metric on the same rows and agrees with its next token at least export.min_top1_agreement of the time."""
     candidates = sorted((r for r in rows if r.get("kept_quantization")), key=lambda r: r["size_mb"])
     if spec.gate_quantization != "smallest":
         candidates = [r for r in candidates if r["kept_quantization"] == spec.gate_quantization]
@@ -171,7 +176,8 @@ def gate(rows: list[dict], primary: str, spec: ExportSpec) -> tuple[str | None, 
     for r in candidates:
         short = []
         if r["delta"] < -spec.max_metric_drop:
-            short.append(f"{primary} {-r['delta']:.3f} below the HF model's (allowed {spec.max_metric_drop})")
+            short.append(f"{primary} {-r['delta']:.3f} below the f16 file's, the fp32 HF model's twin "
+                         f"(allowed {spec.max_metric_drop})")
         if r["top1_agreement"] < spec.min_top1_agreement:
             short.append(f"top-1 agreement {r['top1_agreement']:.3f} < {spec.min_top1_agreement} "
                          f"(short by {spec.min_top1_agreement - r['top1_agreement']:.3f})")
@@ -184,14 +190,15 @@ def gate(rows: list[dict], primary: str, spec: ExportSpec) -> tuple[str | None, 
 class _Evaluator:
     """Runs one GGUF model over the test records and the parity records and returns its table row."""
 
-    def __init__(self, hf_model, tokenizer, spec, cfg: ExportSpec, records, hf_outputs, bandwidth: float):
+    def __init__(self, hf_model, tokenizer, spec, cfg: ExportSpec, records, reference: list[str], bandwidth: float):
+        """reference: the answers every file's metric delta and same-answer rate are taken against."""
         self.hf_model, self.tokenizer, self.spec, self.cfg = hf_model, tokenizer, spec, cfg
-        self.records, self.hf_outputs, self.bandwidth = records, hf_outputs, bandwidth
+        self.records, self.reference, self.bandwidth = records, reference, bandwidth
         self.primary = spec.primary_metric
 
     def row(self, model: str, label: str, path: Path, size_bytes: int, rows: int, make_llm) -> tuple[dict, list[str]]:
         """make_llm(logits_all) -> a llama_cpp.Llama ready to run (for an adapter: with it applied)."""
-        records, hf_outputs = self.records[:rows], self.hf_outputs[:rows]
+        records, hf_outputs = self.records[:rows], self.reference[:rows]
         llm = make_llm(False)
         run = generate_gguf(llm, self.tokenizer, records, self.spec.max_new_tokens)
         llm.close()
@@ -204,7 +211,7 @@ class _Evaluator:
         return ({"model": model, "label": label, "file": str(path.relative_to(repo_root())), "size_mb": size_bytes / 1e6,
                  self.primary: score, "delta": score - hf_score, "rows": len(records),
                  "top1_agreement": parity["top1_agreement"], "mean_kl": parity["mean_kl"],
-                 "same_answers_as_hf": float(np.mean([a == b for a, b in zip(run.outputs, hf_outputs)])) if records else None,
+                 "same_answers_as_reference": float(np.mean([a == b for a, b in zip(run.outputs, hf_outputs)])) if records else None,
                  "prompt_tok_s": run.prompt_tokens_per_second, "gen_tok_s": run.generation_tokens_per_second,
                  "bandwidth_limit_tok_s": limit, "bandwidth_bound_fraction": run.generation_tokens_per_second / limit},
                 run.outputs)
@@ -249,7 +256,7 @@ def run_export(task: str, params: Params) -> ExportResult:
     merged_bytes = (merged_dir / "model.safetensors").stat().st_size
     table = [{"model": "HF merged (fp32 safetensors)", "label": "hf", "file": str(merged_dir / "model.safetensors"),
               "size_mb": merged_bytes / 1e6, primary: score_outputs(spec, records, hf_outputs)[primary],
-              "delta": 0.0, "rows": len(records), "top1_agreement": 1.0, "mean_kl": 0.0, "same_answers_as_hf": 1.0,
+              "delta": 0.0, "rows": len(records), "top1_agreement": 1.0, "mean_kl": 0.0, "same_answers_as_reference": 1.0,
               "prompt_tok_s": speed["prompt_tokens_per_second"], "gen_tok_s": speed["generation_tokens_per_second"],
               "bandwidth_limit_tok_s": bandwidth * 1e9 / merged_bytes,
               "bandwidth_bound_fraction": speed["generation_tokens_per_second"] * merged_bytes / (bandwidth * 1e9)}]
@@ -264,7 +271,12 @@ def run_export(task: str, params: Params) -> ExportResult:
     def plain(path: Path):
         return lambda logits_all: load_llama(path, logits_all=logits_all, n_threads=cfg.n_threads)
 
-    add("GGUF f16", "f16", files["f16"], min(cfg.f16_rows, len(records)), plain(files["f16"]))
+    # The f16 file is the fp32 HF model's twin (KL ~1e-6, top-1 1.0) and answers greedily in fp32; the evaluation
+    # stage's answers come from batched bf16 generation on CUDA and AMX CPUs, and differ from fp32's on most long
+    # answers (measured: f16 gave the same answer on 30% of address_json rows). So every file is compared with
+    # the f16 file's answers on the same rows: the delta is what quantization costs, not bf16 noise.
+    add("GGUF f16", "f16", files["f16"], len(records), plain(files["f16"]))
+    evaluator.reference = outputs["f16"]
     calibrated = " (task imatrix)" if imatrix else ""
     with tempfile.TemporaryDirectory(dir=gguf_dir) as scratch:
         for q in cfg.quantizations:
