@@ -301,7 +301,7 @@ def run_export(task: str, params: Params) -> ExportResult:
         size_bytes=base_file.stat().st_size + adapter_gguf(task).stat().st_size)
     merged_same_type = outputs.get(cfg.base_quantization)
     extra = {"memory_bandwidth_gb_s": bandwidth, "imatrix_rows": imatrix_rows,
-             "imatrix_seconds": imatrix_seconds, "adapter_size_mb": adapter_gguf(task).stat().st_size / 1e6,
+             "imatrix_seconds": imatrix_seconds, "adapter_file_size_mb": adapter_gguf(task).stat().st_size / 1e6,
              "base_gguf_size_mb": base_file.stat().st_size / 1e6}
     if merged_same_type is not None:
         # How often base + adapter answers exactly as the merged file of the same type (rounding differs slightly).
