@@ -12,7 +12,8 @@ DEST="${TUNEFORGE_VENDOR:-vendor}/llama.cpp-converter"
 STAMP="$DEST/.version"
 VOCABS=(llama-bpe llama-spm qwen2 phi-3)  # Llama 3, Llama 2 / Mistral, Qwen2, Phi-3
 
-have_converter() { [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$V" ] && [ -f "$DEST/convert_hf_to_gguf.py" ]; }
+have_converter() { [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$V" ] && [ -f "$DEST/convert_hf_to_gguf.py" ] \
+  && [ -f "$DEST/convert_lora_to_gguf.py" ]; }
 have_vocabs() {
   local name
   for name in "${VOCABS[@]}"; do [ -f "$DEST/models/ggml-vocab-$name.gguf" ] || return 1; done
@@ -36,6 +37,7 @@ SRC="llama_cpp_python-$V/vendor/llama.cpp"
 if ! have_converter; then
   # conversion/ only exists in newer llama.cpp (the converter was split into a package); older sdists lack it.
   MEMBERS=("$SRC/convert_hf_to_gguf.py" "$SRC/gguf-py" "$SRC/LICENSE")
+  MEMBERS+=("$SRC/convert_lora_to_gguf.py")  # task adapters -> GGUF, served over one base model
   if tar tzf "$SDIST" | grep "^$SRC/conversion/" >/dev/null; then  # not grep -q: tar's SIGPIPE fails pipefail
     MEMBERS+=("$SRC/conversion")
   fi

@@ -16,7 +16,12 @@ import argparse
 import time
 
 from tuneforge.core.constraints import grammars_for
-from tuneforge.core.gguf import file_sha256, generate_gguf, load_llama
+from tuneforge.core.gguf import (
+    file_sha256,
+    generate_gguf,
+    load_llama,
+    served_quantization,
+)
 from tuneforge.core.modeling import load_tokenizer
 from tuneforge.core.params import load_params
 from tuneforge.core.paths import models_dir, processed_dir, production_file, repo_root
@@ -39,12 +44,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True)
     parser.add_argument("--rows", type=int, default=300)
-    parser.add_argument("--quantization", help="default: export.gate_quantization, the file `tuneforge serve` runs")
+    parser.add_argument("--quantization", help="default: the file the export gate chose, the one `tuneforge serve` runs")
     args = parser.parse_args()
 
     params = load_params()
     spec = params.task(args.task)
-    gguf = models_dir(args.task) / "gguf" / f"model-{args.quantization or params.export.gate_quantization}.gguf"
+    gguf = models_dir(args.task) / "gguf" / f"model-{args.quantization or served_quantization(args.task)}.gguf"
     tokenizer = load_tokenizer(models_dir(args.task) / "merged")
     llm = load_llama(gguf, n_threads=params.export.n_threads)
     digest = file_sha256(gguf)

@@ -15,7 +15,12 @@ pytest.importorskip("llama_cpp", reason="llama_cpp is not importable: scripts/se
 from tuneforge.core.chat import IGNORE, end_of_turn, prompt_text, render  # noqa: E402
 from tuneforge.core.modeling import load_tokenizer  # noqa: E402
 from tuneforge.core.params import ModelSpec, load_params  # noqa: E402
-from tuneforge.core.paths import base_model_dir, models_dir, predictions_file, processed_dir  # noqa: E402
+from tuneforge.core.paths import (  # noqa: E402
+    base_model_dir,
+    models_dir,
+    predictions_file,
+    processed_dir,
+)
 from tuneforge.core.records import read_jsonl, write_jsonl  # noqa: E402
 from tuneforge.stages.base_model import NotExportableError, save_base_model  # noqa: E402
 from tuneforge.stages.evaluate import run_evaluation  # noqa: E402

@@ -69,7 +69,7 @@ def test_each_task_leads_with_a_plain_sentence_from_its_metrics(repo):
     page = index(repo)
     for task, spec in tasks(repo).items():
         ev, ex = metrics(repo, task, "eval"), metrics(repo, task, "export")
-        served = yaml.safe_load((repo / "params.yaml").read_text())["export"]["gate_quantization"]
+        served = ex.get("served_quantization") or yaml.safe_load((repo / "params.yaml").read_text())["export"]["quantizations"][0]
         lead = text(section(page, task).split('<p class="lead">')[1].split("</p>")[0])
         plain = "exact_match" if spec["output"]["kind"] == "json_object" else "accuracy"
         share = ev[f"tuned_{plain}"]
@@ -156,7 +156,8 @@ def test_model_cards_hold_the_facts_of_the_metrics(repo):
         results = meta["model-index"][0]["results"]
         values = {m["type"]: m["value"] for m in results[0]["metrics"]}
         assert values[primary] == round(ev[f"tuned_{primary}"], 4)
-        assert results[1]["metrics"][0]["value"] == round(ex[f"{params['export']['gate_quantization']}_{primary}"], 4)
+        served = ex.get("served_quantization") or params["export"]["quantizations"][0]
+        assert results[1]["metrics"][0]["value"] == round(ex[f"{served}_{primary}"], 4)
         for heading in ("Intended use", "Training data", "Training", "Evaluation", "Quantized files", "Limitations",
                         "Drift status"):
             assert f"\n## {heading}\n" in body, heading

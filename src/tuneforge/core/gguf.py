@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,27 +14,9 @@ import numpy as np
 from tqdm import tqdm
 
 from tuneforge.core.chat import prompt_text, stop_token_ids
-from tuneforge.core.paths import repo_root
 
 # Spin-waiting OpenMP threads stall llama.cpp on a busy 2-core machine (a run went from 3 s to >120 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def converter_dir() -> Path:
-    folder = repo_root() / "vendor" / "llama.cpp-converter"
-    if not (folder / "convert_hf_to_gguf.py").exists():
-        raise FileNotFoundError(f"{folder} is missing: run scripts/fetch_gguf_converter.sh (scripts/setup.sh does)")
-    return folder
-
-
-def run_converter(hf_dir: Path, out_file: Path, *options: str) -> subprocess.CompletedProcess:
-    """llama.cpp's convert_hf_to_gguf.py on a Hugging Face folder (used by export, and by base_model's pre-flight)."""
-    folder = converter_dir()
-    # The bundled gguf-py first: PyPI's gguf is a different version and breaks this converter (LazyChunkedTensor).
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder / "gguf-py"), str(folder)]), "HF_HUB_OFFLINE": "1"}
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([sys.executable, str(folder / "convert_hf_to_gguf.py"), str(hf_dir), "--outfile",
-                           str(out_file), *options], env=env, capture_output=True, text=True)
 
 
 def load_llama(gguf_file: Path, *, logits_all: bool = False, n_ctx: int = 1024, n_threads: int | None = None):
@@ -120,6 +100,28 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, desc
 
 def gguf_files(folder: Path, quantizations: list[str]) -> dict[str, Path]:
     return {"f16": folder / "model-f16.gguf", **{q: folder / f"model-{q}.gguf" for q in quantizations}}
+
+
+def adapter_gguf(task: str) -> Path:
+    """The task's LoRA adapter as GGUF, beside its merged files."""
+    from tuneforge.core.paths import models_dir
+
+    return models_dir(task) / "gguf" / "adapter-f16.gguf"
+
+
+def served_quantization(task: str) -> str:
+    """The type the export gate vouched for (the smallest file that passed), read from metrics/<task>/export.json."""
+    import json
+
+    from tuneforge.core.paths import metrics_file
+
+    path = metrics_file(task, "export")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run `dvc repro export@{task}` (or name a --quantization)")
+    served = json.loads(path.read_text()).get("served_quantization")
+    if not served:
+        raise ValueError(f"{path}: no GGUF file passed the export gate for {task}; name a --quantization to serve one anyway")
+    return served
 
 
 def file_sha256(path: Path) -> str:

@@ -168,14 +168,25 @@ class ExportSpec(Strict):
     quantizations: list[str] = Field(default_factory=lambda: ["Q8_0", "Q4_K_M"], description="llama.cpp types, e.g. Q8_0, Q4_K_M")
     max_rows: int = Field(80, ge=0, description="test rows each GGUF answers (0: all)")
     parity_rows: int = Field(40, ge=1, description="test rows for next-token agreement and KL")
-    gate_quantization: str = Field("Q8_0", description="the file the parity gate checks, and the one served")
-    max_metric_drop: float = Field(0.03, ge=0, le=1, description="gate: allowed drop of the primary metric vs the HF model")
+    gate_quantization: str = Field("smallest", description="'smallest': the gate vouches for (and serve runs) the "
+                                   "smallest file that passes; or one type from quantizations")
+    max_metric_drop: float = Field(0.01, ge=0, le=1, description="gate: allowed drop of the primary metric vs the f16 "
+                                   "file (the fp32 HF model's twin) on the same rows")
+    min_top1_agreement: float = Field(0.95, ge=0, le=1, description="gate: next-token agreement with the HF model")
+    imatrix_rows: int = Field(128, ge=0, description="training rows the importance matrix is collected on (0: none)")
+    compare_without_imatrix: bool = Field(True, description="also build and measure each type without the importance "
+                                          "matrix (for the report; not kept)")
+    tensor_types: dict[str, str] = Field(default_factory=dict, description="per-tensor type overrides for every "
+                                         "quantization: regex over GGUF tensor names -> ggml type")
+    base_quantization: str = Field("Q8_0", description="type of the base GGUF the task adapters run over "
+                                   "(`tuneforge serve` without --task)")
     n_threads: int = Field(2, ge=1)
 
     @model_validator(mode="after")
     def _gate_is_exported(self) -> ExportSpec:
-        if self.gate_quantization not in self.quantizations:
-            raise ValueError(f"export.gate_quantization {self.gate_quantization!r} is not in export.quantizations")
+        if self.gate_quantization not in ("smallest", *self.quantizations):
+            raise ValueError(f"export.gate_quantization {self.gate_quantization!r} is neither 'smallest' nor in "
+                             "export.quantizations")
         return self
 
 

@@ -216,7 +216,8 @@ class TaskReport:
 
     @property
     def served(self) -> str:
-        return self.params.export.gate_quantization
+        """The file the export gate vouched for (the smallest that passed, unless params name one)."""
+        return self.export.get("served_quantization") or self.params.export.quantizations[0]
 
     @property
     def plain_metric(self) -> str:

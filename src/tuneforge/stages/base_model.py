@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.core.gguf import run_converter
 from tuneforge.core.params import EMBEDDED_BASE, ModelSpec
+from tuneforge.core.quantize import run_converter
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -83,7 +83,8 @@ def check_gguf_export(config, tokenizer, base: str) -> None:
         folder = Path(tmp) / "base"
         config.save_pretrained(folder)
         save_tokenizer(tokenizer, folder)
-        result = run_converter(folder, Path(tmp) / "vocab.gguf", "--vocab-only")
+        result = run_converter("convert_hf_to_gguf.py",
+                               [str(folder), "--outfile", str(Path(tmp) / "vocab.gguf"), "--vocab-only"])
     if result.returncode == 0:
         return
     log = result.stderr.strip()
