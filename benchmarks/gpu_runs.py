@@ -72,10 +72,10 @@ def multi_gpu(args) -> dict:
 
     work = Path(args.work)
     steps_between_evals = 1000  # validation at step 0 and at the end only: the runs time training
-    scratch_project(work, [args.task], dict(mode="auto", max_seq_len=args.seq, batch_size=args.batch, max_steps=0,
-                                           epochs=args.epochs, eval_every=steps_between_evals, eval_rows=64,
-                                           early_stopping_patience=100, checkpoint_every=100000,
-                                           gradient_checkpointing=False))
+    scratch_project(work, [args.task], {"mode": "auto", "max_seq_len": args.seq, "batch_size": args.batch, "max_steps": 0,
+                                        "epochs": args.epochs, "eval_every": steps_between_evals, "eval_rows": 64,
+                                        "early_stopping_patience": 100, "checkpoint_every": 100000,
+                                        "gradient_checkpointing": False})
     base = work / "models" / "base"
     save_random_model(args.arch, base)
     for f in Path(args.tokenizer).iterdir():
@@ -95,8 +95,12 @@ def multi_gpu(args) -> dict:
             "eval_loss_difference": many["best_eval_loss"] - one["best_eval_loss"], "one_gpu": one, "n_gpus": many}
 
 
-def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3) -> dict:
-    """The model step alone on the stage's shapes and settings: full rows of max_seq_len random tokens, all trained."""
+def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_every: int = 0) -> dict:
+    """The model step alone on the stage's shapes and settings: full rows of max_seq_len random tokens, all trained.
+
+    packed_every > 0: position_ids restart every that many tokens, as in packed rows, so attention runs with the
+    block-diagonal mask packing needs instead of the plain causal one.
+    """
     import torch
 
     from tuneforge.core.batching import loss_sum
@@ -113,19 +117,24 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3) -> dict
             torch.cuda.synchronize()
             started = time.perf_counter()
         ids = torch.randint(0, model.config.vocab_size, (spec.batch_size, spec.max_seq_len), generator=g).cuda()
-        s, n = loss_sum(model, {"input_ids": ids, "labels": ids})
+        batch = {"input_ids": ids, "labels": ids}
+        if packed_every:
+            batch["position_ids"] = (torch.arange(spec.max_seq_len, device="cuda") % packed_every).expand_as(ids)
+        s, n = loss_sum(model, batch)
         (s / n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     return {"tokens_per_second": steps * spec.batch_size * spec.max_seq_len / seconds, "steps": steps,
+            "packed_every": packed_every,
             "batch": spec.batch_size, "seq": spec.max_seq_len, "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def task_run(args) -> dict:
     work = Path(args.work)
     overrides = {"max_steps": args.max_steps} if args.max_steps else {}
+    overrides.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.train)})
     scratch_project(work, [args.task], overrides, profile=args.profile)
     if args.base:  # a local Hugging Face folder as model.base; export needs the GGUF converter in vendor/
         params = yaml.safe_load((work / "params.yaml").read_text())
@@ -149,11 +158,12 @@ def task_run(args) -> dict:
     test = read_jsonl(processed_dir(args.task) / "test.jsonl")[: args.test_rows or None]
     validation = read_jsonl(processed_dir(args.task) / "validation.jsonl")[: args.test_rows or None]
     started = time.perf_counter()
-    result = run_evaluation(params.task(args.task), params.evaluate, params.train.max_seq_len, test, validation,
+    train_records = read_jsonl(processed_dir(args.task) / "train.jsonl")  # the classical baseline trains on these
+    result = run_evaluation(params.task(args.task), params.evaluate, params.train.max_seq_len, train_records, test, validation,
                             base_model_dir(), models_dir(args.task) / "adapter", params.model.trust_remote_code)
     out = {"task": args.task, "profile": args.profile, "base": params.model.base, "params_train": params.train.model_dump(),
            "base_model_seconds": base_seconds, "train": train,
-           "evaluate": result.summary(params.task(args.task)), "evaluate_seconds": time.perf_counter() - started,
+           "evaluate": result.summary(), "evaluate_seconds": time.perf_counter() - started,
            "test_rows": len(test)}
     save(args, out)  # what is done so far survives a later phase running out of time
     if args.model_step:
@@ -165,11 +175,21 @@ def task_run(args) -> dict:
         from tuneforge.core.records import write_jsonl
         from tuneforge.stages.export import run_export
 
-        write_jsonl(predictions_file(args.task), result.prediction_rows(params.task(args.task)))
+        write_jsonl(predictions_file(args.task), result.prediction_rows())
         started = time.perf_counter()
         exported = run_export(args.task, params)
         out["export"] = {"rows": exported.rows, "failures": exported.failures, "seconds": time.perf_counter() - started}
     return out
+
+
+def step_run(args) -> dict:
+    """The model step alone, plain causal rows against packed ones, on a given base folder."""
+    work = Path(args.work)
+    scratch_project(work, [], {}, profile=args.profile)
+    from tuneforge.core.params import load_params
+
+    params = load_params()
+    return {"base": args.base, "variants": [model_step(Path(args.base), params, packed_every=n) for n in args.packed_every]}
 
 
 def save(args, result: dict) -> None:
@@ -195,14 +215,20 @@ def main() -> None:
     tk.add_argument("--profile", default="gpu")
     tk.add_argument("--max-steps", type=int, default=0, help="a quick smoke run instead of the profile's epochs")
     tk.add_argument("--test-rows", type=int, default=0, help="evaluate on the first N test rows only (0: all)")
+    tk.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="a train setting over the profile")
     tk.add_argument("--base", help="a local Hugging Face folder as model.base (default: the embedded model)")
     tk.add_argument("--export", action="store_true", help="then merge, convert, quantize and run the GGUF files")
     tk.add_argument("--export-rows", type=int, default=20, help="test rows each GGUF file answers")
     tk.add_argument("--model-step", action="store_true", help="also time the model step alone on the same shapes")
-    for p in (mg, tk):
+    st = sub.add_parser("step")
+    st.add_argument("--work", required=True)
+    st.add_argument("--base", required=True)
+    st.add_argument("--profile", default="gpu")
+    st.add_argument("--packed-every", type=int, nargs="+", default=[0, 160])
+    for p in (mg, tk, st):
         p.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args()
-    result = multi_gpu(args) if args.command == "multi-gpu" else task_run(args)
+    result = {"multi-gpu": multi_gpu, "task": task_run, "step": step_run}[args.command](args)
     print(json.dumps(result, indent=2, default=str))
     save(args, result)
 

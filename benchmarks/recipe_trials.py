@@ -61,7 +61,12 @@ def score_adapter(task_name: str, params, adapter: Path, rows: int, constrained:
     from peft import PeftModel
 
     from tuneforge.core.metrics import score_outputs
-    from tuneforge.core.modeling import compute_dtype, load_causal_lm, load_tokenizer, pick_device
+    from tuneforge.core.modeling import (
+        compute_dtype,
+        load_causal_lm,
+        load_tokenizer,
+        pick_device,
+    )
     from tuneforge.core.paths import base_model_dir, processed_dir
     from tuneforge.core.records import read_jsonl
 

@@ -60,8 +60,8 @@ def random_batches(n: int, batch: int, seq: int, vocab: int) -> list[dict[str, t
 
 
 def run_tuneforge(model_dir: Path, mode: str, args, device: str) -> dict:
-    from tuneforge.core.params import Params, TrainSpec
     from tuneforge.core.batching import loss_sum
+    from tuneforge.core.params import Params, TrainSpec
     from tuneforge.stages.train import Mode, build_model
 
     spec = TrainSpec(mode=mode, gradient_checkpointing=True, lora={"r": args.rank, "alpha": 2 * args.rank, "dropout": 0.0})
@@ -93,7 +93,13 @@ def run_tuneforge(model_dir: Path, mode: str, args, device: str) -> dict:
 def run_baseline(model_dir: Path, mode: str, args, device: str) -> dict:
     """Plain Trainer + peft (+ bitsandbytes for QLoRA), as its documentation sets it up."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     reset(device)
     kw: dict = {"dtype": torch.bfloat16 if device == "cuda" else torch.float32}

@@ -14,7 +14,6 @@ import email.policy
 import html
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tarfile

@@ -2,13 +2,23 @@
 # Put llama.cpp's HF -> GGUF converter (convert_hf_to_gguf.py, conversion/, gguf-py/) in vendor/,
 # taken from the sdist of the same llama-cpp-python version that runs the GGUF files, so converter
 # and runtime always match. vendor/ is git-ignored: this code is fetched, never committed.
-# Idempotent: does nothing when vendor/ already holds this version's converter.
+# Also the vocabulary-only GGUFs of a few model families (vendor/llama.cpp-converter/models/): their real
+# tokenizers, which scripts/make_random_model.py and tests/test_families.py build tiny models with, offline.
+# Idempotent: does nothing when vendor/ already holds this version's converter and vocabularies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 V="${LLAMA_CPP_VERSION:-0.3.36}"
-DEST=vendor/llama.cpp-converter
+DEST="${TUNEFORGE_VENDOR:-vendor}/llama.cpp-converter"
 STAMP="$DEST/.version"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$V" ] && [ -f "$DEST/convert_hf_to_gguf.py" ]; then
+VOCABS=(llama-bpe llama-spm qwen2 phi-3)  # Llama 3, Llama 2 / Mistral, Qwen2, Phi-3
+
+have_converter() { [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$V" ] && [ -f "$DEST/convert_hf_to_gguf.py" ] \
+  && [ -f "$DEST/convert_lora_to_gguf.py" ]; }
+have_vocabs() {
+  local name
+  for name in "${VOCABS[@]}"; do [ -f "$DEST/models/ggml-vocab-$name.gguf" ] || return 1; done
+}
+if have_converter && have_vocabs; then
   exit 0
 fi
 
@@ -24,14 +34,24 @@ if [ ! -f "$SDIST" ]; then
 fi
 
 SRC="llama_cpp_python-$V/vendor/llama.cpp"
-# conversion/ only exists in newer llama.cpp (the converter was split into a package); older sdists lack it.
-MEMBERS=("$SRC/convert_hf_to_gguf.py" "$SRC/gguf-py" "$SRC/LICENSE")
-if tar tzf "$SDIST" | grep "^$SRC/conversion/" >/dev/null; then  # not grep -q: tar's SIGPIPE fails pipefail
-  MEMBERS+=("$SRC/conversion")
+if ! have_converter; then
+  # conversion/ only exists in newer llama.cpp (the converter was split into a package); older sdists lack it.
+  MEMBERS=("$SRC/convert_hf_to_gguf.py" "$SRC/gguf-py" "$SRC/LICENSE")
+  MEMBERS+=("$SRC/convert_lora_to_gguf.py")  # task adapters -> GGUF, served over one base model
+  if tar tzf "$SDIST" | grep "^$SRC/conversion/" >/dev/null; then  # not grep -q: tar's SIGPIPE fails pipefail
+    MEMBERS+=("$SRC/conversion")
+  fi
+  tar xzf "$SDIST" -C "$TMP" "${MEMBERS[@]}"
+  rm -rf "$DEST"
+  mkdir -p "$(dirname "$DEST")"
+  mv "$TMP/$SRC" "$DEST"
+  echo "$V" > "$STAMP"
+  echo "GGUF converter from llama-cpp-python $V in $DEST"
 fi
-tar xzf "$SDIST" -C "$TMP" "${MEMBERS[@]}"
-rm -rf "$DEST"
-mkdir -p vendor
-mv "$TMP/$SRC" "$DEST"
-echo "$V" > "$STAMP"
-echo "GGUF converter from llama-cpp-python $V in $DEST"
+
+VOCAB_MEMBERS=()
+for name in "${VOCABS[@]}"; do VOCAB_MEMBERS+=("$SRC/models/ggml-vocab-$name.gguf"); done
+tar xzf "$SDIST" -C "$TMP" "${VOCAB_MEMBERS[@]}"
+mkdir -p "$DEST/models"
+mv "$TMP/$SRC"/models/ggml-vocab-*.gguf "$DEST/models/"
+echo "vocabulary GGUFs (${VOCABS[*]}) in $DEST/models"

@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 python -m pip install -q uv
 # torch's CPU wheel (this machine's /opt/wheels) and the locally built llama-cpp-python wheel stand in for their
 # PyPI releases while resolving, so the lock gets torch's real dependencies and none of the CUDA ones.
-python -m uv pip compile pyproject.toml --extra dev \
+# The CPU torch build setup.sh installs on this machine kind (its local version keeps PyPI's CUDA build out).
+echo "torch==${TORCH_LOCK_VERSION:-2.13.0+cpu}" > "${TMPDIR:-/tmp}/tuneforge-lock-constraints.txt"
+python -m uv pip compile pyproject.toml --extra dev -c "${TMPDIR:-/tmp}/tuneforge-lock-constraints.txt" \
   --find-links /opt/wheels --find-links "${TUNEFORGE_WHEELS:-$HOME/.cache/tuneforge/wheels}" \
   --index-strategy unsafe-best-match --generate-hashes \
   --python-version 3.11.7 --python-platform x86_64-manylinux_2_28 \

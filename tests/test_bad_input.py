@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tuneforge.core.params import AuditSpec, OutputSpec, ParamsError, SplitSpec, TaskSpec, load_params
+from tuneforge.core.params import (
+    AuditSpec,
+    OutputSpec,
+    ParamsError,
+    SplitSpec,
+    TaskSpec,
+    load_params,
+)
 from tuneforge.core.readers import Record, Rejected, read_source
 from tuneforge.stages.audit import gate, run_audit
 from tuneforge.stages.prepare import prepare, write_prepared

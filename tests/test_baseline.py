@@ -9,7 +9,12 @@ from pathlib import Path
 from tuneforge.core.metrics import score_outputs
 from tuneforge.core.params import load_params
 from tuneforge.core.readers import Record, read_source
-from tuneforge.stages.evaluate import label_baseline, run_baseline, tagger_baseline, word_tags
+from tuneforge.stages.evaluate import (
+    label_baseline,
+    run_baseline,
+    tagger_baseline,
+    word_tags,
+)
 
 PARAMS = load_params()
 

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tuneforge.core.constraints import constrain_request, grammar_for, grammars_for, json_schema
+from tuneforge.core.constraints import (
+    constrain_request,
+    grammar_for,
+    grammars_for,
+    json_schema,
+)
 from tuneforge.core.params import OutputSpec, load_params
 from tuneforge.core.readers import Record, read_source
 
@@ -22,13 +27,14 @@ def address_records(n: int | None = None) -> list[dict]:
     return [{"id": r.id, "messages": r.messages} for r in records[:n]]
 
 
-def matches(tokenizer, grammar: str, text: str) -> bool:
-    """Whether text (then eos) is a sentence of grammar, token by token as decoding would meet it."""
+def matches(tokenizer, grammar: str, text: str, complete: bool = True) -> bool:
+    """Whether text is a sentence of grammar (complete=False: the start of one), token by token as decoding
+    would meet it."""
     from tuneforge.core.constraints import GrammarMatcher
 
     matcher = GrammarMatcher(tokenizer, len(tokenizer), grammar).matcher
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return matcher.consume_tokens(ids) and matcher.is_accepting() and not matcher.is_error()
+    return matcher.consume_tokens(ids) and (matcher.is_accepting() or not complete) and not matcher.is_error()
 
 
 def test_every_labelled_address_fits_its_own_extractive_grammar(tokenizer):
@@ -131,3 +137,33 @@ def test_llama_cpp_serving_grammar_and_export_runs_give_the_same_answers(embedde
             grammar=__import__("llama_cpp").LlamaGrammar.from_string(request["grammar"], verbose=False))
         assert served["choices"][0]["message"]["content"].strip() == expected
     assert exported[2] in ("spam", "ham")
+
+
+def test_tuneforge_serve_answers_under_the_grammar_what_the_export_stage_measured(tmp_path, repo_root, embedded_gguf,
+                                                                                   tokenizer):
+    """End to end: the served answer to an address (the server adds the system prompt and the request's grammar)
+    is the answer generate_gguf gives the same conversation, and it is JSON over the input's words."""
+    import httpx
+
+    from tests.test_serve import start_server
+    from tuneforge.core.gguf import generate_gguf, load_llama
+
+    (tmp_path / "params.yaml").write_text((repo_root / "params.yaml").read_text())
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "models" / "address_json" / "gguf").mkdir(parents=True)
+    (tmp_path / "models" / "address_json" / "gguf" / "model-Q8_0.gguf").symlink_to(embedded_gguf)
+    text = "1 West Ohio Street, Altoona, PA 16601"
+    proc, url, _ = start_server(tmp_path)
+    try:
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": text}], "max_tokens": 40})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    served = reply.json()["choices"][0]["message"]["content"].strip()
+    record = {"messages": [{"role": "system", "content": ADDRESS.system_prompt}, {"role": "user", "content": text},
+                           {"role": "assistant", "content": ""}]}
+    exported = generate_gguf(load_llama(embedded_gguf, n_threads=2), tokenizer, [record], 40,
+                             grammars=[grammar_for(ADDRESS.output, text)]).outputs[0]
+    assert served == exported
+    assert served.startswith("{") and matches(tokenizer, grammar_for(ADDRESS.output, text), served, complete=False)

@@ -19,7 +19,8 @@ SRC = ROOT / "src"
 STAGE_NOTEBOOK = {"prepare": "00_prepare", "audit": "01_data_audit", "train": "02_train", "evaluate": "03_evaluate",
                   "export": "04_export_gguf", "drift": "05_drift_report"}
 # Stages whose command runs a module rather than a notebook.
-MODULE_STAGES = {"base_model": "tuneforge.stages.base_model", "index": "tuneforge.report.index"}
+MODULE_STAGES = {"base_model": "tuneforge.stages.base_model", "base_gguf": "tuneforge.stages.base_gguf",
+                 "index": "tuneforge.report.index"}
 
 
 def module_file(name: str) -> Path | None:

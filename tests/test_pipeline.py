@@ -21,7 +21,7 @@ SMALL = {  # keep CI fast through params, not by mocking any stage
     "train": {"max_steps": 2, "eval_every": 1, "eval_rows": 8, "checkpoint_every": 1, "batch_size": 4},
     "evaluate": {"max_rows": 24, "min_tuned_score": 0.0, "max_regression": 1.0},
     "tasks": {"address_json": {"min_score": 0.0}},  # two training steps teach nothing: gates must not fail
-    "export": {"max_rows": 6, "parity_rows": 3, "max_metric_drop": 1.0},
+    "export": {"max_rows": 6, "parity_rows": 3, "imatrix_rows": 8, "max_metric_drop": 1.0, "min_top1_agreement": 0.0},
 }
 
 

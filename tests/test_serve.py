@@ -37,7 +37,9 @@ def serve_root(tmp_path_factory, repo_root):
     (root / "dvc.yaml").write_text("stages: {}\n")
     gguf = root / "models" / "address_json" / "gguf"
     gguf.mkdir(parents=True)
-    (gguf / "model-Q8_0.gguf").symlink_to(embedded_gguf_folder() / EMBEDDED_GGUF)  # export.gate_quantization
+    (gguf / "model-Q8_0.gguf").symlink_to(embedded_gguf_folder() / EMBEDDED_GGUF)
+    (root / "metrics" / "address_json").mkdir(parents=True)  # the export gate chose that file:
+    (root / "metrics" / "address_json" / "export.json").write_text('{"served_quantization": "Q8_0"}')
     return root
 
 
@@ -103,7 +105,7 @@ def test_chat_completions_are_answered_and_logged(server, serve_root):
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["input"] for r in rows[-2:]] == inputs
     for row in rows[-2:]:
-        assert row["latency_ms"] > 0 and row["model_file"] == "model-Q8_0.gguf"  # export.gate_quantization
+        assert row["latency_ms"] > 0 and row["model_file"] == "model-Q8_0.gguf"  # served_quantization
         assert len(row["model_sha256"]) == 64 and row["timestamp"] > 0 and "output" in row
     raw = post(url, body=chat("1 Elm St"))
     assert raw.status_code == 200 and str(serve_root) not in raw.text and ".gguf" not in raw.text

@@ -1,6 +1,10 @@
 """`tuneforge serve`: the exported GGUF behind llama.cpp's OpenAI-compatible server, every answer logged.
 
-Each answered chat completion is appended to data/production/<task>.jsonl (input, output, latency,
+With --task: that task's merged GGUF (the file its export gate chose). Without: every task from one process,
+over one base GGUF (models/base_gguf) with each task's LoRA adapter (GGUF) loaded once; the request's `model`
+field (the task name) picks the adapter, the system prompt and the request log; /v1/models lists the tasks.
+
+Each answered chat completion is appended to data/production/<task>/requests.jsonl (input, output, latency,
 model file hash, timestamp): the current traffic the drift stage compares with the test split.
 Only two routes are answered: POST /v1/chat/completions (checked, given the task's system prompt, logged)
 and GET /v1/models (the task name, no input). Everything else llama-cpp-python offers (raw completions,
@@ -17,6 +21,7 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.core.constraints import constrain_request
@@ -34,20 +39,40 @@ class ServeError(ValueError):
     """A setting that keeps the server from starting, said in one sentence."""
 
 
+@dataclass
+class Route:
+    """Where one task's requests go: its system prompt, its request log, and the files that answer it."""
+
+    task: str
+    log_file: Path
+    system_prompt: str
+    model_file: Path  # the merged GGUF, or the task's adapter GGUF over base_file
+    model_sha256: str
+    base_file: Path | None = None
+    base_sha256: str | None = None
+    # The task's output kind: each request decodes under its grammar (core.constraints), as evaluated.
+    output: OutputSpec | None = None
+
+    def log_fields(self) -> dict:
+        fields = {"model_file": self.model_file.name, "model_sha256": self.model_sha256}
+        if self.base_file is not None:
+            fields.update(base_file=self.base_file.name, base_sha256=self.base_sha256)
+        return fields
+
+
 class RequestLog:
     """ASGI middleware in front of llama-cpp-python's app.
 
     For every HTTP request: API key (when set), route, then for chat completions: content type, size while
-    the body streams in, JSON, message shape, a character limit over every string, the task's system prompt
-    when the client sent none; the answer is logged before the client hears back. Errors are short JSON
-    messages in OpenAI's shape that never echo the (rewritten) request.
+    the body streams in, JSON, message shape, a character limit over every string, the task (by the `model`
+    field when several are served), the task's system prompt when the client sent none; the answer is logged
+    to that task's file before the client hears back. Errors are short JSON messages in OpenAI's shape that
+    never echo the (rewritten) request.
     """
 
-    def __init__(self, app, *, task: str, log_file: Path, system_prompt: str, model_file: Path, model_sha256: str,
-                 max_input_chars: int, api_key: str | None = None, output: OutputSpec | None = None):
-        self.app, self.task, self.log_file = app, task, log_file
-        self.output = output  # the task's output kind: each request decodes under its grammar (core.constraints)
-        self.system_prompt, self.model_file, self.model_sha256 = system_prompt, model_file, model_sha256
+    def __init__(self, app, *, routes: dict[str, Route], max_input_chars: int, api_key: str | None = None):
+        """One route: every request goes to it, whatever its `model` field says; several: `model` must name one."""
+        self.app, self.routes = app, routes
         self.max_input_chars = max_input_chars
         # A character escapes to at most 6 bytes (\uXXXX); field names and punctuation get a fixed allowance.
         self.max_body_bytes = 6 * max_input_chars + 16_384
@@ -78,10 +103,10 @@ class RequestLog:
         body, problem, status = await self.read_body(receive, headers.get("content-length"))
         if problem:
             return await reply_error(send, status, problem)
-        payload, problem, status = self.check(body)
+        payload, route, problem, status = self.check(body)
         if problem:
             return await reply_error(send, status, problem)
-        await self.answer(scope, receive, send, payload)
+        await self.answer(scope, receive, send, payload, route)
 
     def authorised(self, header: str) -> bool:
         scheme, _, key = header.partition(" ")
@@ -106,8 +131,29 @@ class RequestLog:
             more = message.get("more_body", False)
         return b"".join(chunks), "", 200
 
-    def check(self, body: bytes) -> tuple[dict, str, int]:
-        """(payload with defaults, problem, HTTP status): a clear 4xx instead of a server error."""
+    def check(self, body: bytes) -> tuple[dict, Route | None, str, int]:
+        """(payload with defaults, its task's route, problem, HTTP status): a clear 4xx instead of a server error."""
+        payload, problem, status = self.check_payload(body)
+        if problem:
+            return {}, None, problem, status
+        if len(self.routes) == 1:
+            route = next(iter(self.routes.values()))
+        else:
+            route = self.routes.get(payload.get("model")) if isinstance(payload.get("model"), str) else None
+            if route is None:
+                return {}, None, (f"'model' must name one of the tasks this server answers: {sorted(self.routes)} "
+                                  "(GET /v1/models lists them)"), 404
+            payload["model"] = route.task
+        if payload["messages"][0]["role"] != "system" and route.system_prompt:
+            payload["messages"] = [{"role": "system", "content": route.system_prompt}, *payload["messages"]]
+        payload.setdefault("temperature", 0.0)
+        if route.output is not None:  # decoded as evaluated: the task's grammar, plain greedy (llama.cpp's default 1.1)
+            payload.setdefault("repeat_penalty", 1.0)
+            constrain_request(payload, route.output)
+        return payload, route, "", 200
+
+    def check_payload(self, body: bytes) -> tuple[dict, str, int]:
+        """(payload, problem, HTTP status) for any task: JSON, shape, size, llama-cpp-python's schema."""
         try:
             payload = json.loads(body.decode("utf-8"))
         except UnicodeDecodeError as err:
@@ -136,15 +182,9 @@ class RequestLog:
             return {}, problem, 422
         if payload.get("stream"):
             return {}, "streaming is not supported: the request log needs the whole answer", 400
-        if messages[0]["role"] != "system" and self.system_prompt:
-            payload["messages"] = [{"role": "system", "content": self.system_prompt}, *messages]
-        payload.setdefault("temperature", 0.0)
-        if self.output is not None:  # decoded as evaluated: the task's grammar, plain greedy (llama.cpp's default 1.1)
-            payload.setdefault("repeat_penalty", 1.0)
-            constrain_request(payload, self.output)
         return payload, "", 200
 
-    async def answer(self, scope, receive, send, payload: dict) -> None:
+    async def answer(self, scope, receive, send, payload: dict, route: Route) -> None:
         """Run the checked request through llama-cpp-python, holding its reply: a success is logged and
         named by the task (llama.cpp puts the GGUF's absolute path in 'model'); an error is reduced to a
         message that cannot echo the rewritten body or the system prompt."""
@@ -178,19 +218,19 @@ class RequestLog:
         if reply["status"] != 200:
             return await reply_error(send, reply["status"], upstream_error(reply["status"], reply["body"]))
         answer = json.loads(reply["body"])
-        answer["model"] = self.task
-        self.log(payload, answer, time.perf_counter() - start)  # logged before the client hears back
+        answer["model"] = route.task
+        self.log(route, payload, answer, time.perf_counter() - start)  # logged before the client hears back
         body = json.dumps(answer, ensure_ascii=False).encode()
         headers = [(k, v) for k, v in reply["headers"] if k.lower() != b"content-length"]
         await send({"type": "http.response.start", "status": 200,
                     "headers": headers + [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    def log(self, payload: dict, answer: dict, seconds: float) -> None:
+    def log(self, route: Route, payload: dict, answer: dict, seconds: float) -> None:
         user = [m["content"] for m in payload["messages"] if m.get("role") == "user"]
-        append_request(self.log_file, {
-            "task": self.task, "input": user[-1] if user else "", "output": answer["choices"][0]["message"]["content"],
-            "latency_ms": 1000 * seconds, "model_file": self.model_file.name, "model_sha256": self.model_sha256,
+        append_request(route.log_file, {
+            "task": route.task, "input": user[-1] if user else "", "output": answer["choices"][0]["message"]["content"],
+            "latency_ms": 1000 * seconds, **route.log_fields(),
         })
 
 
@@ -274,36 +314,90 @@ def resolve_api_key(host: str, api_key: str | None) -> str | None:
     return key
 
 
-def build_app(task: str, quantization: str | None = None, n_ctx: int = 1024, api_key: str | None = None):
-    """quantization: a type from export.quantizations; by default the one the export gate checked."""
+class TaskAdapterProxy:
+    """Stands in for llama-cpp-python's LlamaProxy (which loads one Llama per model name and reloads on every
+    switch): one Llama over the base file, the request's model name (a task) picks the active adapter.
+    Called under the server's inner lock, so the switch and the generation that follows are never interleaved."""
+
+    def __init__(self, switch):
+        self.switch = switch
+
+    def __call__(self, model: str | None = None):
+        self.switch.use(model)  # RequestLog has already checked that `model` names a task
+        return self.switch.llm
+
+    def __iter__(self):
+        yield from self.switch.adapters
+
+    def free(self) -> None:
+        self.switch.close()
+
+
+def build_app(task: str | None = None, quantization: str | None = None, n_ctx: int = 1024, api_key: str | None = None):
+    """task: serve that task's merged GGUF (quantization: a type from export.quantizations; by default the one
+    its export gate chose); None: every task from one base GGUF with each task's adapter."""
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
-    from tuneforge.core.gguf import file_sha256
+    from tuneforge.core.gguf import file_sha256, served_quantization
     from tuneforge.core.params import load_params
     from tuneforge.core.paths import models_dir, production_file
 
     params = load_params()
+    if task is None:
+        return build_multi_task_app(params, n_ctx, api_key)
     try:
         spec = params.task(task)
-    except KeyError as err:
+        model_file = models_dir(task) / "gguf" / f"model-{quantization or served_quantization(task)}.gguf"
+    except (KeyError, FileNotFoundError, ValueError) as err:
         raise ServeError(err.args[0]) from None
-    model_file = models_dir(task) / "gguf" / f"model-{quantization or params.export.gate_quantization}.gguf"
     if not model_file.exists():
         raise ServeError(f"{model_file} does not exist: run `dvc repro export@{task}` first")
     # The key is checked twice: by RequestLog before any body is read, and by llama-cpp-python's own routes.
     app = create_app(server_settings=ServerSettings(api_key=api_key),
                      model_settings=[ModelSettings(model=str(model_file), model_alias=task, n_ctx=n_ctx,
                                                    n_threads=params.export.n_threads, verbose=False)])
+    route = Route(task, production_file(task), spec.system_prompt, model_file, file_sha256(model_file), output=spec.output)
     # A character is at least a quarter of a token here; keep room for the answer in the context.
-    return RequestLog(app, task=task, log_file=production_file(task), system_prompt=spec.system_prompt,
-                      model_file=model_file, model_sha256=file_sha256(model_file), max_input_chars=2 * n_ctx,
-                      api_key=api_key, output=spec.output)
+    return RequestLog(app, routes={task: route}, max_input_chars=2 * n_ctx, api_key=api_key)
 
 
-def serve(task: str, host: str, port: int, quantization: str | None, api_key: str | None = None) -> None:
+def build_multi_task_app(params, n_ctx: int, api_key: str | None):
+    """Every task in params.yaml over models/base_gguf, each with its adapter from its export stage."""
+    import llama_cpp.server.app as server_app
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    from tuneforge.core.adapters import AdapterSwitch
+    from tuneforge.core.gguf import adapter_gguf, file_sha256
+    from tuneforge.core.paths import base_gguf_dir, production_file
+
+    base_file = base_gguf_dir() / f"model-{params.export.base_quantization}.gguf"
+    if not base_file.exists():
+        raise ServeError(f"{base_file} does not exist: run `dvc repro base_gguf` first")
+    missing = [t for t in params.tasks if not adapter_gguf(t).exists()]
+    if missing:
+        raise ServeError(f"no GGUF adapter for {missing}: run `dvc repro {' '.join(f'export@{t}' for t in missing)}` "
+                         "(or serve one task with --task)")
+    tasks = list(params.tasks)
+    app = server_app.create_app(server_settings=ServerSettings(api_key=api_key),
+                                model_settings=[ModelSettings(model=str(base_file), model_alias=tasks[0], n_ctx=n_ctx,
+                                                              n_threads=params.export.n_threads, verbose=False)])
+    # create_app loaded the base through its LlamaProxy; the adapters attach to that same Llama, and a proxy
+    # that switches adapters replaces it (llama-cpp-python 0.3.36 keeps it in this module-level variable).
+    switch = AdapterSwitch(server_app._llama_proxy._current_model, {t: adapter_gguf(t) for t in tasks})
+    server_app._llama_proxy = TaskAdapterProxy(switch)
+    base_sha = file_sha256(base_file)
+    routes = {t: Route(t, production_file(t), params.tasks[t].system_prompt, adapter_gguf(t),
+                       file_sha256(adapter_gguf(t)), base_file, base_sha, output=params.tasks[t].output) for t in tasks}
+    return RequestLog(app, routes=routes, max_input_chars=2 * n_ctx, api_key=api_key)
+
+
+def serve(task: str | None, host: str, port: int, quantization: str | None, api_key: str | None = None) -> None:
     import uvicorn
 
+    if task is None and quantization:
+        raise ServeError("--quantization picks one task's merged file: give --task too (without --task every task "
+                         "runs over the base GGUF, export.base_quantization)")
     key = resolve_api_key(host, api_key)
     if not is_loopback(host):
         print(f"tuneforge serve: listening on {host}:{port} with an API key, over plain HTTP: put a TLS proxy in "

@@ -9,6 +9,7 @@ trained too, so the model learns to stop; whatever the template adds after it
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 IGNORE = -100  # label value that torch's cross-entropy skips
@@ -30,7 +31,45 @@ def prompt_text(tokenizer, messages: list[dict[str, str]]) -> str:
 
 
 def end_of_turn(tokenizer) -> str:
+    """The special token the chat template closes an assistant turn with.
+
+    Often not the tokenizer's eos: Phi-3 keeps <|endoftext|> but ends turns with <|end|>, a Qwen2 base folder
+    ends ChatML turns with <|im_end|>. Found by rendering a probe answer: the first special token after it.
+    """
+    return _end_of_turn(tokenizer, tokenizer.chat_template)
+
+
+@functools.lru_cache(maxsize=8)  # render() asks once a record: the probe alone cost half of a render
+def _end_of_turn(tokenizer, chat_template: str) -> str:
+    probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
+    before = tokenizer.apply_chat_template(probe[:1], tokenize=False, add_generation_prompt=True)
+    after_answer = tokenizer.apply_chat_template(probe, tokenize=False)[len(before):].split("pong", 1)[-1]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for token_id in tokenizer(after_answer, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return tokenizer.convert_ids_to_tokens(token_id)
     return tokenizer.eos_token
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Generation stops at the end of the turn or at eos, whichever comes."""
+    return list(dict.fromkeys([tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id]))
+
+
+def tokens_after(tokenizer, text: str, ids: list[int], piece: str) -> list[int]:
+    """piece's tokens where it follows text (whose tokens are ids), as the whole conversation tokenizes.
+
+    Tokenized alone, a SentencePiece tokenizer (Mistral, Phi-3) marks piece's first word as a word start ("▁ham")
+    where the whole text has "ham": earlier answers would then differ from the prompt the model reads at
+    inference. Tokenized apart only where the boundary merges tokens.
+    """
+    if not piece:
+        return []
+    if text:
+        whole = tokenizer(text + piece, add_special_tokens=False)["input_ids"]
+        if whole[: len(ids)] == ids:
+            return whole[len(ids):]
+    return tokenizer(piece, add_special_tokens=False)["input_ids"]
 
 
 def render(tokenizer, messages: list[dict[str, str]]) -> Rendered:
@@ -50,8 +89,8 @@ def render(tokenizer, messages: list[dict[str, str]]) -> Rendered:
         answer = answer_and_tail if cut < 0 else answer_and_tail[: cut + len(eot)]
         tail = answer_and_tail[len(answer):]
         for text, trained in ((before[len(done):], False), (answer, True), (tail, False)):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            ids = tokens_after(tokenizer, done, input_ids, text)
             input_ids += ids
             labels += ids if trained else [IGNORE] * len(ids)
-        done = through
+            done += text
     return Rendered(input_ids, labels)

@@ -159,9 +159,14 @@ class GrammarMatcher:
             self._check()
 
 
-def mask_logits(logits, allowed: np.ndarray):
-    """Logits (numpy or torch, last dimension the vocabulary) with disallowed tokens at -inf, in place."""
-    logits[..., : len(allowed)][..., ~allowed] = -float("inf")
+def mask_logits(logits, allowed):
+    """Logits with disallowed tokens at -inf, in place: numpy (vocabulary,) with a bool mask, or torch
+    (rows, vocabulary) with a (rows, mask length) bool tensor. Masks may be shorter than the logits (padded
+    vocabularies): the extra tokens are left alone."""
+    if isinstance(logits, np.ndarray):
+        logits[: len(allowed)][~allowed] = -np.inf
+    else:  # one masked_fill_ for the whole batch: indexing row by row cost ~30x more on this CPU
+        logits[..., : allowed.shape[-1]].masked_fill_(~allowed, -float("inf"))
     return logits
 
 
@@ -181,9 +186,7 @@ def hf_logits_processor(tokenizer, n_vocab: int, grammars: list[str]):
             else:  # the tokens chosen at the previous step
                 for row, matcher in enumerate(self.matchers):
                     matcher.consume(int(input_ids[row, -1]))
-            for row, matcher in enumerate(self.matchers):
-                mask_logits(scores[row], torch.from_numpy(matcher.allowed()))
-            return scores
+            return mask_logits(scores, torch.from_numpy(np.stack([m.allowed() for m in self.matchers])))
 
     return GrammarLogitsProcessor()
 

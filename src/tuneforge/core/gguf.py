@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from tuneforge.core.chat import prompt_text
+from tuneforge.core.chat import prompt_text, stop_token_ids
 
 # Spin-waiting OpenMP threads stall llama.cpp on a busy 2-core machine (a run went from 3 s to >120 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -59,8 +60,9 @@ def last_logits(llm) -> np.ndarray:
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
-def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, grammars: list[str] | None = None) -> GgufRun:
-    """Greedy answers to each record's conversation minus its last (reference) message.
+def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, desc: str | None = None,
+                  grammars: list[str] | None = None) -> GgufRun:
+    """Greedy answers to each record's conversation minus its last (reference) message; with desc, a progress bar.
 
     The prompt is the HF tokenizer's chat-template rendering, fed as token ids, so the GGUF model reads exactly
     the tokens the HF model read in evaluation; create_chat_completion re-renders and re-tokenizes inside llama.cpp.
@@ -68,9 +70,9 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, gram
     """
     from tuneforge.core.constraints import GrammarMatcher, mask_logits
 
-    eos = tokenizer.eos_token_id
+    stops = set(stop_token_ids(tokenizer))
     results = []
-    for i, record in enumerate(records):
+    for i, record in enumerate(tqdm(records, desc=desc, unit="answer", disable=desc is None)):
         matcher = GrammarMatcher(tokenizer, llm.n_vocab(), grammars[i]) if grammars is not None else None
         ids = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False)["input_ids"]
         llm.reset()
@@ -84,7 +86,7 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, gram
             if matcher is not None:
                 logits = mask_logits(logits.copy(), matcher.allowed())
             token = int(np.argmax(logits))
-            if token == eos:
+            if token in stops:
                 break
             if matcher is not None:
                 matcher.consume(token)
@@ -98,6 +100,28 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, gram
 
 def gguf_files(folder: Path, quantizations: list[str]) -> dict[str, Path]:
     return {"f16": folder / "model-f16.gguf", **{q: folder / f"model-{q}.gguf" for q in quantizations}}
+
+
+def adapter_gguf(task: str) -> Path:
+    """The task's LoRA adapter as GGUF, beside its merged files."""
+    from tuneforge.core.paths import models_dir
+
+    return models_dir(task) / "gguf" / "adapter-f16.gguf"
+
+
+def served_quantization(task: str) -> str:
+    """The type the export gate vouched for (the smallest file that passed), read from metrics/<task>/export.json."""
+    import json
+
+    from tuneforge.core.paths import metrics_file
+
+    path = metrics_file(task, "export")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run `dvc repro export@{task}` (or name a --quantization)")
+    served = json.loads(path.read_text()).get("served_quantization")
+    if not served:
+        raise ValueError(f"{path}: no GGUF file passed the export gate for {task}; name a --quantization to serve one anyway")
+    return served
 
 
 def file_sha256(path: Path) -> str:

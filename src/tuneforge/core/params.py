@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tuneforge.core.paths import repo_root
 
@@ -133,7 +141,7 @@ class TrainSpec(Strict):
     weight_decay: float = Field(0.0, ge=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(0, ge=0, description="0: run the given epochs")
-    batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
+    batch_size: int = Field(8, ge=1, description="rows (packed sequences) per micro-batch, per process")
     grad_accum: int = Field(1, ge=1)
     gradient_checkpointing: StrictBool = False
     eval_every: int = Field(10, ge=1)
@@ -152,20 +160,33 @@ class EvaluateSpec(Strict):
     batch_size: int = Field(16, ge=1)
     min_tuned_score: float = Field(0.5, ge=0, le=1, description="gate: tuned primary metric at least this")
     max_regression: float = Field(0.0, ge=0, le=1, description="gate: tuned may trail base by at most this")
+    compare_free: bool = Field(True, description="constrained tasks: also decode the tuned model without the grammar "
+                               "(tuned_free_* metrics); false saves that generation pass")
 
 
 class ExportSpec(Strict):
     quantizations: list[str] = Field(default_factory=lambda: ["Q8_0", "Q4_K_M"], description="llama.cpp types, e.g. Q8_0, Q4_K_M")
     max_rows: int = Field(80, ge=0, description="test rows each GGUF answers (0: all)")
     parity_rows: int = Field(40, ge=1, description="test rows for next-token agreement and KL")
-    gate_quantization: str = Field("Q8_0", description="the file the parity gate checks, and the one served")
-    max_metric_drop: float = Field(0.03, ge=0, le=1, description="gate: allowed drop of the primary metric vs the HF model")
+    gate_quantization: str = Field("smallest", description="'smallest': the gate vouches for (and serve runs) the "
+                                   "smallest file that passes; or one type from quantizations")
+    max_metric_drop: float = Field(0.01, ge=0, le=1, description="gate: allowed drop of the primary metric vs the f16 "
+                                   "file (the fp32 HF model's twin) on the same rows")
+    min_top1_agreement: float = Field(0.95, ge=0, le=1, description="gate: next-token agreement with the HF model")
+    imatrix_rows: int = Field(128, ge=0, description="training rows the importance matrix is collected on (0: none)")
+    compare_without_imatrix: bool = Field(True, description="also build and measure each type without the importance "
+                                          "matrix (for the report; not kept)")
+    tensor_types: dict[str, str] = Field(default_factory=dict, description="per-tensor type overrides for every "
+                                         "quantization: regex over GGUF tensor names -> ggml type")
+    base_quantization: str = Field("Q8_0", description="type of the base GGUF the task adapters run over "
+                                   "(`tuneforge serve` without --task)")
     n_threads: int = Field(2, ge=1)
 
     @model_validator(mode="after")
     def _gate_is_exported(self) -> ExportSpec:
-        if self.gate_quantization not in self.quantizations:
-            raise ValueError(f"export.gate_quantization {self.gate_quantization!r} is not in export.quantizations")
+        if self.gate_quantization not in ("smallest", *self.quantizations):
+            raise ValueError(f"export.gate_quantization {self.gate_quantization!r} is neither 'smallest' nor in "
+                             "export.quantizations")
         return self
 
 

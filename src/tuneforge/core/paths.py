@@ -51,6 +51,11 @@ def base_model_dir() -> Path:
     return repo_root() / "models" / "base"
 
 
+def base_gguf_dir() -> Path:
+    """The base model as GGUF (the base_gguf stage): what every task's GGUF adapter runs over."""
+    return repo_root() / "models" / "base_gguf"
+
+
 def predictions_file(task: str) -> Path:
     return repo_root() / "data" / "predictions" / f"{task}.jsonl"
 

@@ -1,16 +1,29 @@
-"""reports/index.html: the page a stakeholder opens first. Plain HTML, no scripts, renders offline."""
+"""reports/index.html, the page a stakeholder opens first, and a model card per task (Hugging Face format).
+
+Per task the page answers three questions, each from the metrics JSON the stages wrote (metrics/<task>/*.json):
+is it good (one plain sentence, a chart of base vs classical baseline vs tuned), is it safe to ship (the gates),
+what changed (every headline number against the metrics committed at HEAD). Plain HTML and inline SVG, no
+scripts: it renders offline. Templates are in report/templates/.
+"""
 
 from __future__ import annotations
 
-import html
 import json
+import math
 import subprocess
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
 
+from tuneforge.core.params import EMBEDDED_BASE, Params, TaskSpec, load_params
 from tuneforge.core.paths import STAGE_METRICS, repo_root
+
+TEMPLATES = Path(__file__).parent / "templates"
+MODEL_CARDS = Path("reports") / "model_cards"  # <task>/README.md (the card) and <task>/model_card.html
 
 STAGES = [  # (report file, title)
     ("00_prepare.html", "Prepare"),
@@ -22,81 +35,472 @@ STAGES = [  # (report file, title)
     ("05_drift_evidently.html", "Drift (Evidently, full)"),
 ]
 
+# The params.yaml sections the page shows: the index stage's params in dvc.yaml, so the page is never stale. (Audit
+# and drift thresholds are in those stages' reports; a change there reruns the stage, not necessarily the index.)
+PARAMS_SHOWN = ("model", "tasks", "train", "evaluate", "export")
+
+# The embedded default is a GGUF conversion of this hub model (Apache-2.0, as its model card says).
+EMBEDDED_HUB_ID, EMBEDDED_LICENSE = "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"
+
+METRIC_NAMES = {"micro_f1": "micro-F1", "macro_f1": "macro-F1", "exact_match": "exact match", "accuracy": "accuracy",
+                "valid_json": "valid JSON", "valid_label": "valid label", "allowed_keys_only": "allowed keys only",
+                "micro_precision": "micro precision", "micro_recall": "micro recall",
+                "hallucination_rate": "invented values"}
+# Shares of the test records, shown as percentages; the others (F1, precision, recall) as 0-1 scores.
+SHARES = {"exact_match", "accuracy", "valid_json", "valid_label", "allowed_keys_only", "hallucination_rate",
+          "drift_share", "invalid_fraction", "near_leakage_fraction", "pii_fraction", "over_length_fraction"}
+# The plain-language measure of each output kind: how often the whole answer is right.
+PLAIN = {"json_object": ("exact_match", "gets {share} of the {n} test inputs exactly right"),
+         "label": ("accuracy", "labels {share} of the {n} test inputs correctly")}
+VALIDITY = {"json_object": "valid_json", "label": "valid_label"}
+SERIES_COLORS = {"base": "#9aa0a6", "baseline": "#e0a030", "tuned": "#1f6feb"}
+
+
+def chart_layout(groups: list[dict], subject: str) -> dict:
+    """Positions for report/templates/_chart.html: metric names on the left, one bar a model, 0-1 scale."""
+    left, bar_width, bar_height, gap, group_gap = 110, 260, 14, 3, 14
+    y, placed = 34, []
+    for group in groups:
+        bars = [{**bar, "y": y + i * (bar_height + gap), "width": round(max(0.0, min(1.0, bar["value"])) * bar_width, 1),
+                 "color": SERIES_COLORS[bar["series"]]} for i, bar in enumerate(group["bars"])]
+        bottom = y + len(bars) * (bar_height + gap) - gap
+        placed.append({**group, "bars": bars, "top": y, "bottom": bottom, "label_y": (y + bottom) / 2 + 4,
+                       "gate_x": None if group["gate"] is None else left + group["gate"] * bar_width})
+        y = bottom + group_gap
+    series = list(dict.fromkeys(bar["series"] for group in groups for bar in group["bars"]))
+    labels = {bar["series"]: bar["label"] for group in groups for bar in group["bars"]}
+    legend, x = [], 0
+    for s in series:  # side by side, each as wide as its label (about 7 pixels a character at 12 px)
+        legend.append({"series": s, "label": labels[s], "color": SERIES_COLORS[s], "x": x})
+        x += 15 + 7 * len(labels[s]) + 16
+    title = f"{subject}: {', '.join(labels[s] for s in series)} on the test split"
+    return {"title": title, "groups": placed, "legend": legend, "left": left, "top": 34, "bar_width": bar_width,
+            "bar_height": bar_height, "width": max(left + bar_width + 70, x), "height": y + 4}
+
+
+def metric_name(metric: str) -> str:
+    return METRIC_NAMES.get(metric, metric.replace("_", " "))
+
+
+def fmt(value, metric: str = "") -> str:
+    """A metric's value as a stakeholder reads it: 52%, 0.48; '–' when missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if metric in SHARES:
+        return f"{value:.0%}" if value in (0, 1) or 0.1 <= value <= 0.99 else f"{value:.1%}"  # 99.5% is not 100%
+    if isinstance(value, int):
+        return f"{value:,}"
+    size = abs(value)  # about three significant digits: 0.484, 2.01, 88.1, 381
+    return f"{value:.3f}" if size < 1 else f"{value:.2f}" if size < 10 else f"{value:.1f}" if size < 100 else f"{value:,.0f}"
+
+
+def metric_of(key: str) -> str:
+    """The metric a metrics-file key holds ("Q8_0_micro_f1" -> "micro_f1"), for formatting."""
+    return next((m for m in sorted(SHARES | set(METRIC_NAMES), key=len, reverse=True) if key.endswith(m)), key)
+
 
 def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _badge(ok: bool | None, yes: str = "PASS", no: str = "FAIL") -> str:
-    if ok is None:
-        return '<span class="badge none">not run</span>'
-    return f'<span class="badge {"ok" if ok else "bad"}">{yes if ok else no}</span>'
+def _git(root: Path, *args: str) -> str | None:
+    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    return result.stdout if result.returncode == 0 else None
+
+
+def committed_metrics(root: Path, task: str) -> tuple[str | None, dict[str, dict]]:
+    """(HEAD's short hash, {stage: metrics}) as committed at HEAD; (None, {}) outside git or before any commit.
+
+    Read with git, not `dvc metrics diff`: the index runs inside `dvc repro`, which holds DVC's lock.
+    """
+    head = _git(root, "rev-parse", "--short", "HEAD")
+    if head is None:
+        return None, {}
+    found = {}
+    for name in STAGE_METRICS:
+        text = _git(root, "show", f"HEAD:./metrics/{task}/{name}.json")
+        if text:
+            found[name] = json.loads(text)
+    return head.strip(), found
+
+
+@dataclass
+class Row:
+    """One headline number, now and at HEAD."""
+
+    label: str
+    now: object
+    before: object = None
+    metric: str = ""          # decides the format (shares as %)
+    better: str | None = None  # "higher", "lower" or None (neither is better: speed on a shared CPU, sizes)
+    unit: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return self.before is not None and self.now is not None and self.before != self.now
+
+    @property
+    def change(self) -> str:
+        if self.before is None or self.now is None:
+            return ""
+        if isinstance(self.now, bool) or not isinstance(self.now, (int, float)):
+            return "" if self.now == self.before else f"was {fmt(self.before, self.metric)}"
+        delta = self.now - self.before
+        if abs(delta) < 1e-12:
+            return "same"
+        if self.metric in SHARES:
+            return f"{delta * 100:+.1f} points"
+        return f"{delta:+,.3f}" if abs(delta) < 10 else f"{delta:+,.0f}"
+
+    @property
+    def tone(self) -> str:
+        """good / bad / same / '' (not comparable or neither direction is better)."""
+        if not self.changed or isinstance(self.now, bool) or not isinstance(self.now, (int, float)):
+            return "same" if self.before is not None and self.now == self.before else ""
+        if self.better is None:
+            return ""
+        return "good" if (self.now > self.before) == (self.better == "higher") else "bad"
+
+
+@dataclass
+class Gate:
+    name: str
+    passed: bool | None  # None: the stage has not run
+    detail: str
+    before: bool | None = None
+    reasons: list[str] = field(default_factory=list)
+    labels: tuple[str, str] = ("PASS", "FAIL")
+
+
+@dataclass
+class TaskReport:
+    """Everything the page and the model card say about one task, derived from its metrics and params."""
+
+    root: Path
+    name: str
+    spec: TaskSpec
+    params: Params
+    metrics: dict[str, dict]
+    previous: dict[str, dict]
+    head: str | None
+
+    def committed(self, stage: str, key: str):
+        """A number as committed at HEAD (None when it was not)."""
+        return self.previous.get(stage, {}).get(key)
+
+    @property
+    def audit(self) -> dict:
+        return self.metrics["audit"]
+
+    @property
+    def train(self) -> dict:
+        return self.metrics["train"]
+
+    @property
+    def eval(self) -> dict:
+        return self.metrics["eval"]
+
+    @property
+    def export(self) -> dict:
+        return self.metrics["export"]
+
+    @property
+    def drift(self) -> dict:
+        return self.metrics["drift"]
+
+    @property
+    def primary(self) -> str:
+        return self.spec.primary_metric
+
+    @property
+    def served(self) -> str:
+        """The file the export gate vouched for (the smallest that passed, unless params name one)."""
+        return self.export.get("served_quantization") or self.params.export.quantizations[0]
+
+    @property
+    def plain_metric(self) -> str:
+        metric = PLAIN[self.spec.output.kind][0]
+        return metric if f"tuned_{metric}" in self.eval else self.primary
+
+    @property
+    def min_score(self) -> float:
+        return self.spec.min_score if self.spec.min_score is not None else self.params.evaluate.min_tuned_score
+
+    # --- is it good ---
+
+    def headline(self) -> str:
+        """One plain sentence: the tuned model's whole-answer quality against the base (and the baseline), then
+        whether the file for phones and laptops keeps the gated score."""
+        ev, ex = self.eval, self.export
+        if f"tuned_{self.primary}" not in ev:
+            return "Not evaluated yet: run `dvc repro` to train and evaluate this task."
+        metric = self.plain_metric
+        tuned, base = ev[f"tuned_{metric}"], ev.get(f"base_{metric}")
+        if metric == PLAIN[self.spec.output.kind][0]:
+            what = PLAIN[self.spec.output.kind][1].format(share=fmt(tuned, metric), n=fmt(ev.get("test_rows")))
+        else:
+            what = f"scores {fmt(tuned, metric)} {metric_name(metric)} on {fmt(ev.get('test_rows'))} test inputs"
+        sentence = f"The fine-tuned model {what}"
+        if base is not None:
+            sentence += (", the same as before fine-tuning" if fmt(base, metric) == fmt(tuned, metric)
+                         else f", {'up' if tuned > base else 'down'} from {fmt(base, metric)} before fine-tuning")
+        baseline = ev.get(f"baseline_{metric}")
+        if baseline is not None:
+            sentence += f" (a classical model without an LLM: {fmt(baseline, metric)})"
+        size, q_score, hf = ex.get(f"{self.served}_size_mb"), ex.get(f"{self.served}_{self.primary}"), ex.get(f"hf_{self.primary}")
+        if size is not None and q_score is not None and hf is not None:
+            name = metric_name(self.primary)
+            sentence += (f"; the {size:.0f} MB {self.served} file for phones and laptops "
+                         + ("keeps that quality" if ex.get("gate_passed") else "loses quality")
+                         + f" ({name} {fmt(q_score)} against the full model's {fmt(hf)} on {fmt(ex.get('rows'))} inputs)")
+        return sentence + "."
+
+    def chart(self) -> dict:
+        """The bar chart: the primary metric, the plain one and answer validity, each as base / classical baseline
+        (when evaluated) / tuned, all on a 0-1 scale; the evaluation gate marked on the primary metric."""
+        metrics = list(dict.fromkeys([self.primary, self.plain_metric, VALIDITY[self.spec.output.kind]]))
+        groups = []
+        for metric in metrics:
+            bars = [(who, label, self.eval.get(f"{who}_{metric}")) for who, label in
+                    (("base", "base model"), ("baseline", "classical baseline"), ("tuned", "fine-tuned"))]
+            bars = [{"series": who, "label": label, "value": v, "text": fmt(v, metric)}
+                    for who, label, v in bars if isinstance(v, (int, float))]
+            if bars:
+                groups.append({"metric": metric_name(metric), "bars": bars,
+                               "gate": self.min_score if metric == self.primary else None})
+        return chart_layout(groups, self.name)
+
+    # --- is it safe to ship ---
+
+    def gates(self) -> list[Gate]:
+        audit, ev, ex, dr, old = self.audit, self.eval, self.export, self.drift, self.committed
+        gates = [
+            Gate("Data audit", audit.get("gate_passed"),
+                 f"{fmt(audit.get('train_records'))} training records, {fmt(audit.get('quarantined'))} quarantined, "
+                 f"{fmt(audit.get('exact_leakage'))} test inputs also in train" if audit else "",
+                 old("audit", "gate_passed")),
+            Gate("Evaluation", ev.get("gate_passed"),
+                 f"tuned {metric_name(self.primary)} {fmt(ev.get(f'tuned_{self.primary}'))}, at least "
+                 f"{fmt(self.min_score)} required" if ev else "", old("eval", "gate_passed")),
+            Gate(f"GGUF {self.served} file", ex.get("gate_passed"),
+                 f"{metric_name(self.primary)} {fmt(ex.get(f'{self.served}_{self.primary}'))} against the full "
+                 f"model's {fmt(ex.get(f'hf_{self.primary}'))}, at most {fmt(self.params.export.max_metric_drop)} "
+                 "lower allowed" if f"{self.served}_{self.primary}" in ex else "", old("export", "gate_passed")),
+        ]
+        retrain, before = dr.get("retrain"), old("drift", "retrain")
+        detail = (f"{fmt(dr.get('drifted_columns'))} of {fmt(dr.get('columns_checked'))} monitored columns drifted "
+                  f"over the last {fmt(dr.get('current_rows'))} requests" if dr.get("columns_checked") else "")
+        gates.append(Gate("Live traffic (drift)", None if retrain is None else not retrain, detail,
+                          None if before is None else not before, dr.get("reasons", []), ("no drift", "RETRAIN")))
+        return gates
+
+    def verdict(self) -> str:
+        gates = self.gates()
+        failed = [g.name.lower() for g in gates[:3] if g.passed is False]
+        missing = [g.name.lower() for g in gates[:3] if g.passed is None]
+        if failed:
+            return f"Not ready to ship: the {', '.join(failed)} gate{'s' if len(failed) > 1 else ''} failed."
+        if missing:
+            return f"Not ready to ship: {', '.join(missing)} not run yet."
+        if gates[3].passed is False:
+            return "Shipped model needs attention: live traffic has drifted from the test data; retrain on recent traffic."
+        return "Safe to ship: every gate passes" + (" and live traffic looks like the test data." if gates[3].passed
+                                                    else "; no verdict on live traffic yet.")
+
+    # --- what changed ---
+
+    def rows(self) -> list[Row]:
+        ev, ex, tr, au, dr, old = self.eval, self.export, self.train, self.audit, self.drift, self.committed
+        primary, plain, served = self.primary, self.plain_metric, self.served
+        rows = [Row(f"fine-tuned {metric_name(primary)}", ev.get(f"tuned_{primary}"), old("eval", f"tuned_{primary}"),
+                    primary, "higher")]
+        if plain != primary:
+            rows.append(Row(f"fine-tuned {metric_name(plain)}", ev.get(f"tuned_{plain}"), old("eval", f"tuned_{plain}"),
+                            plain, "higher"))
+        if f"baseline_{primary}" in ev:
+            rows.append(Row(f"classical baseline {metric_name(primary)}", ev[f"baseline_{primary}"],
+                            old("eval", f"baseline_{primary}"), primary))
+        rows += [
+            Row(f"base model {metric_name(primary)}", ev.get(f"base_{primary}"), old("eval", f"base_{primary}"), primary),
+            Row("validation loss after training", tr.get("best_eval_loss"), old("train", "best_eval_loss"), better="lower"),
+            Row("training time", tr.get("wall_seconds"), old("train", "wall_seconds"), unit="s"),
+            Row("training records", au.get("train_records"), old("audit", "train_records")),
+            Row("quarantined records", au.get("quarantined"), old("audit", "quarantined"), better="lower"),
+            Row(f"GGUF {served} {metric_name(primary)}", ex.get(f"{served}_{primary}"), old("export", f"{served}_{primary}"),
+                primary, "higher"),
+            Row(f"GGUF {served} size", ex.get(f"{served}_size_mb"), old("export", f"{served}_size_mb"), unit="MB"),
+            Row(f"GGUF {served} generation speed (CPU)", ex.get(f"{served}_generation_tokens_per_second"),
+                old("export", f"{served}_generation_tokens_per_second"), unit="tokens/s"),
+            Row("monitored columns drifted", dr.get("drift_share"), old("drift", "drift_share"), "drift_share", "lower"),
+        ]
+        return rows
+
+    def all_changes(self) -> list[tuple[str, str, str]]:
+        """Every number in the metrics files that differs from HEAD's: (stage.key, before, now)."""
+        out = []
+        for stage in STAGE_METRICS:
+            now, before = self.metrics[stage], self.previous.get(stage, {})
+            for key in sorted(set(now) | set(before)):
+                a, b = before.get(key), now.get(key)
+                if a != b and all(isinstance(v, (int, float, bool, type(None))) for v in (a, b)):
+                    out.append((f"{stage}.{key}", fmt(a, metric_of(key)), fmt(b, metric_of(key))))
+        return out
+
+    def change_summary(self) -> str:
+        if self.head is None:
+            return "Not a git checkout: nothing to compare with."
+        if not self.previous:
+            return f"No metrics committed at {self.head} (HEAD): this is the first run to compare against."
+        n = len(self.all_changes())
+        return (f"Against the metrics committed at {self.head} (HEAD): "
+                + ("nothing changed." if n == 0 else f"{n} number{'s' if n > 1 else ''} changed."))
+
+    # --- the model card ---
+
+    def card_metadata(self) -> dict:
+        """The model card's YAML header: the keys the Hugging Face hub reads."""
+        base = self.params.model.base
+        meta: dict = {}
+        if base == EMBEDDED_BASE:
+            meta["base_model"], meta["license"] = EMBEDDED_HUB_ID, EMBEDDED_LICENSE
+        elif not ((self.root / base).exists() or base.startswith((".", "/", "~"))):
+            meta["base_model"], meta["license"] = base, "other"  # a hub id: its licence binds this fine-tune
+        else:
+            meta["license"] = "other"
+        meta["library_name"] = "gguf"
+        meta["pipeline_tag"] = "text-generation"
+        meta["tags"] = ["tuneforge", "lora", "gguf", self.name]
+        meta["datasets"] = [self.spec.source]
+        measured = [m for m in dict.fromkeys([self.primary, self.plain_metric, VALIDITY[self.spec.output.kind]])
+                    if f"tuned_{m}" in self.eval]
+        meta["metrics"] = measured
+        if measured:
+            results = [{"task": {"type": "text-generation", "name": self.spec.system_prompt or self.name},
+                        "dataset": {"name": f"{self.name} test split", "type": self.spec.source, "split": "test"},
+                        "metrics": [{"type": m, "name": f"{metric_name(m)} (fine-tuned)", "value": round(self.eval[f"tuned_{m}"], 4)}
+                                    for m in measured]}]
+            if f"{self.served}_{self.primary}" in self.export:
+                results.append({"task": {"type": "text-generation", "name": f"{self.name}, GGUF {self.served}"},
+                                "dataset": {"name": f"{self.name} test split, first {self.export.get('rows')} rows",
+                                            "type": self.spec.source, "split": "test"},
+                                "metrics": [{"type": self.primary, "name": f"{metric_name(self.primary)} ({self.served})",
+                                             "value": round(self.export[f"{self.served}_{self.primary}"], 4)}]})
+            meta["model-index"] = [{"name": f"tuneforge-{self.name}", "results": results}]
+        return meta
+
+    @property
+    def has_baseline(self) -> bool:
+        return f"baseline_{self.primary}" in self.eval
+
+    def eval_table(self) -> list[dict]:
+        """Every 0-1 metric of the evaluation: base, classical baseline (when evaluated), fine-tuned."""
+        names = [k.removeprefix("tuned_") for k, v in self.eval.items()
+                 if k.startswith("tuned_") and not k.startswith("tuned_free_") and isinstance(v, (int, float))
+                 and 0 <= v <= 1 and f"base_{k.removeprefix('tuned_')}" in self.eval]
+        return [{"metric": metric_name(m), "base": fmt(self.eval.get(f"base_{m}"), m),
+                 "baseline": fmt(self.eval.get(f"baseline_{m}"), m), "tuned": fmt(self.eval[f"tuned_{m}"], m)}
+                for m in names]
+
+    def gguf_files(self) -> list[dict]:
+        ex = self.export
+        return [{"name": q, "file": f"models/{self.name}/gguf/model-{q}.gguf", "size_mb": ex[f"{q}_size_mb"],
+                 "score": fmt(ex.get(f"{q}_{self.primary}")), "delta": ex.get(f"{q}_delta"),
+                 "agreement": ex.get(f"{q}_top1_agreement"), "tokens_per_second": ex.get(f"{q}_generation_tokens_per_second"),
+                 "served": q == self.served}
+                for q in ["f16", *self.params.export.quantizations] if f"{q}_size_mb" in ex]
+
+    def limitations(self) -> list[str]:
+        """What a user should know before relying on the model, each from a measured number."""
+        ev, ex, tr, out = self.eval, self.export, self.train, []
+        n = ev.get("test_rows")
+        tuned = ev.get(f"tuned_{self.plain_metric}")
+        if n and tuned is not None and self.plain_metric in SHARES:
+            half = 1.96 * math.sqrt(max(tuned * (1 - tuned), 1e-9) / n)
+            out.append(f"The test split has {n:,} records: {metric_name(self.plain_metric)} {fmt(tuned, self.plain_metric)} "
+                       f"is known to about ±{half * 100:.0f} points (95% interval); smaller differences are noise.")
+        valid = ev.get(f"tuned_{VALIDITY[self.spec.output.kind]}")
+        if valid is not None and valid < 1:
+            out.append(f"{fmt(1 - valid, 'valid_json')} of the fine-tuned model's answers are not a valid "
+                       f"{'JSON object' if self.spec.output.kind == 'json_object' else 'label'}: check answers before use.")
+        if ev.get("tuned_hallucination_rate"):
+            out.append(f"{fmt(ev['tuned_hallucination_rate'], 'hallucination_rate')} of the values it writes do not "
+                       "appear in the input (invented or misspelt).")
+        baseline = ev.get(f"baseline_{self.primary}")
+        if baseline is not None and ev.get(f"tuned_{self.primary}") is not None and baseline > ev[f"tuned_{self.primary}"]:
+            out.append(f"A classical model without an LLM scores higher ({metric_name(self.primary)} {fmt(baseline)} against "
+                       f"{fmt(ev[f'tuned_{self.primary}'])}).")
+        if tr.get("stop_reason") == "max_steps":
+            out.append(f"Training stopped at its step budget ({tr.get('steps')} steps, {fmt(tr.get('train_examples'))} "
+                       "training examples), not because the validation loss stopped improving.")
+        worst = min(((ex[f"{q}_delta"], q) for q in self.params.export.quantizations if f"{q}_delta" in ex), default=None)
+        if worst is not None and worst[0] < -self.params.export.max_metric_drop:
+            out.append(f"The {worst[1]} file loses {-worst[0]:.3f} {metric_name(self.primary)} against the full model; "
+                       f"use {self.served}.")
+        out.append(f"Speeds were measured on the machine that ran the pipeline ({tr.get('device', 'cpu')}); "
+                   "expect different figures elsewhere.")
+        return out
+
+    def data_provenance(self) -> str:
+        """The LICENSE.md kept next to the task's raw source (where it came from, its licence), if any."""
+        notes = self.root / Path(self.spec.source).parent / "LICENSE.md"
+        if not notes.exists():
+            return ""
+        lines = notes.read_text(encoding="utf-8").strip().splitlines()
+        return "\n".join(lines[1:] if lines and lines[0].startswith("#") else lines).strip()  # its title: the file name
+
+
+def task_report(root: Path, params: Params, task: str) -> TaskReport:
+    head, previous = committed_metrics(root, task)
+    metrics = {name: _load(root / "metrics" / task / f"{name}.json") for name in STAGE_METRICS}
+    return TaskReport(root, task, params.task(task), params, metrics, previous, head)
+
+
+def _environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "html.j2", "svg"]),
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["fmt"] = fmt
+    env.filters["metric_name"] = metric_name
+    return env
 
 
 def _revision(root: Path) -> str:
-    def git(*args: str) -> str:
-        result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return result.stdout.strip() if result.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "(not a git checkout)"
-    dirty = " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    commit = (_git(root, "rev-parse", "--short", "HEAD") or "").strip() or "(not a git checkout)"
+    dirty = " + uncommitted changes" if (_git(root, "status", "--porcelain", "--untracked-files=no") or "").strip() else ""
     return commit + dirty
 
 
-def _fmt(value, pattern: str = "{:.3f}") -> str:
-    return "–" if value is None else pattern.format(value)
+def write_model_card(report: TaskReport, root: Path, env: Environment) -> Path:
+    """reports/model_cards/<task>/README.md (upload it next to the GGUF files) and its offline HTML rendering."""
+    import mistune
 
-
-def task_section(task: str, root: Path, primary: str, served: str) -> str:
-    folder = root / "reports" / task  # the stage reports; their numbers are in metrics/<task>/
-    audit, train, ev, ex, dr = (_load(root / "metrics" / task / f"{name}.json") for name in STAGE_METRICS)
-    retrain = dr.get("retrain")
-    verdicts = (
-        f"<tr><td>Data audit gate</td><td>{_badge(audit.get('gate_passed'))}</td></tr>"
-        f"<tr><td>Evaluation gate</td><td>{_badge(ev.get('gate_passed'))}</td></tr>"
-        f"<tr><td>GGUF parity gate</td><td>{_badge(ex.get('gate_passed'))}</td></tr>"
-        f"<tr><td>Drift</td><td>{_badge(None if retrain is None else not retrain, 'no drift', 'RETRAIN')}"
-        f"{''.join(f'<div class=reason>{html.escape(r)}</div>' for r in dr.get('reasons', []))}</td></tr>"
-    )
-    numbers = [
-        ("training records", _fmt(audit.get("train_records"), "{:,}")),
-        ("quarantined records", _fmt(audit.get("quarantined"), "{:,}")),
-        (f"{primary}: base → tuned", f"{_fmt(ev.get(f'base_{primary}'))} → <b>{_fmt(ev.get(f'tuned_{primary}'))}</b>"),
-        (f"{primary}: tuned, decoded without the grammar", _fmt(ev.get(f"tuned_free_{primary}"))),
-        (f"{primary}: classical baseline (same train split)", _fmt(ev.get(f"baseline_{primary}"))),
-        ("validation loss: base → tuned", f"{_fmt(train.get('base_eval_loss'))} → {_fmt(train.get('best_eval_loss'))}"),
-        ("training", f"{train.get('mode', '–')} on {train.get('device', '–')}, {_fmt(train.get('wall_seconds'), '{:.0f}')} s"),
-        (f"GGUF {served} size", _fmt(ex.get(f"{served}_size_mb"), "{:.0f} MB")),
-        (f"GGUF {served} generation speed (CPU)", _fmt(ex.get(f"{served}_generation_tokens_per_second"), "{:.0f} tokens/s")),
-        (f"GGUF {served} {primary}", _fmt(ex.get(f"{served}_{primary}"))),
-        ("drift share (columns drifted)", _fmt(dr.get("drift_share"), "{:.0%}")),
-    ]
-    rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in numbers)
-    links = "".join(f'<li><a href="{task}/{name}">{title}</a></li>' for name, title in STAGES if (folder / name).exists())
-    return (f"<section><h2>{html.escape(task)}</h2><div class=cols><table><caption>Verdicts</caption>{verdicts}</table>"
-            f"<table><caption>Headline numbers</caption>{rows}</table><div><b>Stage reports</b><ul>{links}</ul></div></div></section>")
-
-
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:0 2em 1em 0}td{border-bottom:1px solid #eee;padding:4px 10px;vertical-align:top}
-caption{text-align:left;font-weight:bold;padding:4px 0}.cols{display:flex;flex-wrap:wrap}
-.badge{padding:2px 8px;border-radius:8px;font-weight:bold;font-size:90%}.ok{background:#c8f0c8;color:#135313}
-.bad{background:#f8c9c9;color:#7a1010}.none{background:#eee;color:#666}.reason{font-size:85%;color:#555;max-width:380px}
-pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:80%}"""
+    folder = root / MODEL_CARDS / report.name
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = yaml.safe_dump(report.card_metadata(), sort_keys=False, allow_unicode=True, width=120)
+    body = env.get_template("model_card.md.j2").render(r=report)
+    (folder / "README.md").write_text(f"---\n{metadata}---\n\n{body}", encoding="utf-8")
+    to_html = mistune.create_markdown(escape=True, plugins=["table"])
+    html = env.get_template("model_card.html.j2").render(r=report, metadata=metadata, body=Markup(to_html(body)))
+    (folder / "model_card.html").write_text(html, encoding="utf-8")
+    return folder / "README.md"
 
 
 def build_index(root: Path | None = None) -> Path:
+    """Write reports/index.html and every task's model card; return the index's path."""
     root = root or repo_root()
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    served = params.get("export", {}).get("gate_quantization", "Q8_0")
-    sections = "".join(task_section(task, root, spec.get("primary_metric", ""), served)
-                       for task, spec in params.get("tasks", {}).items())
-    built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    page = (f"<!DOCTYPE html><html><head><meta charset=utf-8><title>tuneforge report</title><style>{CSS}</style></head><body>"
-            f"<h1>tuneforge: fine-tuning report</h1><p>Revision <code>{html.escape(_revision(root))}</code>, built {built}. "
-            "Each task below: the gates, the numbers that matter, and the full report of every stage.</p>"
-            f"{sections}<h2>Parameters of this run</h2><pre>{html.escape(yaml.safe_dump(params, sort_keys=False))}</pre>"
-            "</body></html>")
+    params = load_params(root / "params.yaml")
+    env = _environment()
+    reports = [task_report(root, params, task) for task in params.tasks]
+    for report in reports:
+        write_model_card(report, root, env)
+    links = {r.name: [(f"{r.name}/{name}", title) for name, title in STAGES if (root / "reports" / r.name / name).exists()]
+             for r in reports}
+    page = env.get_template("index.html.j2").render(
+        reports=reports, links=links, cards=MODEL_CARDS.relative_to("reports"), revision=_revision(root),
+        built=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        params_yaml=yaml.safe_dump({k: v for k, v in yaml.safe_load((root / "params.yaml").read_text()).items()
+                                    if k in PARAMS_SHOWN}, sort_keys=False, width=110))
     out = root / "reports" / "index.html"
     out.write_text(page, encoding="utf-8")
     return out

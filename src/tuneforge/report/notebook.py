@@ -44,8 +44,11 @@ def run_notebook(name: str, task: str | None) -> int:
     failure = None
     try:
         papermill.execute_notebook(
-            str(source), str(executed), parameters=parameters, kernel_name="python3",
-            cwd=str(root), progress_bar=False, log_output=True,
+            str(source), str(executed), parameters=parameters, kernel_name="python3", cwd=str(root),
+            # The cells' prints and progress bars reach the terminal as written (a bar redraws in place; papermill's
+            # log_output would put every redraw on a line of its own); the executed copy keeps each cell's
+            # streams merged, a progress bar as its final state.
+            progress_bar=False, stdout_file=sys.stdout, stderr_file=sys.stderr, coalesce_streams=True,
         )
     except PapermillExecutionError as err:
         failure = f"{err.ename}: {err.evalue}"

