@@ -152,6 +152,8 @@ def test_tuneforge_serve_answers_under_the_grammar_what_the_export_stage_measure
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "models" / "address_json" / "gguf").mkdir(parents=True)
     (tmp_path / "models" / "address_json" / "gguf" / "model-Q8_0.gguf").symlink_to(embedded_gguf)
+    (tmp_path / "metrics" / "address_json").mkdir(parents=True)  # the export gate chose that file:
+    (tmp_path / "metrics" / "address_json" / "export.json").write_text('{"served_quantization": "Q8_0"}')
     text = "1 West Ohio Street, Altoona, PA 16601"
     proc, url, _ = start_server(tmp_path)
     try:
