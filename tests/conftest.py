@@ -55,3 +55,24 @@ def copy_repo(dest: Path) -> Path:
     git("-c", "user.email=t@t", "-c", "user.name=t", "add", "-A", cwd=dest)
     git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "copy", cwd=dest)
     return dest
+
+
+# Two short chat records, one a task: what the GGUF tests generate and compare on.
+CHAT_RECORDS = [
+    {"messages": [{"role": "system", "content": "Parse the US address into JSON."},
+                  {"role": "user", "content": "1600 Pennsylvania Ave NW, Washington, DC 20500"},
+                  {"role": "assistant", "content": '{"AddressNumber": "1600", "StreetName": "Pennsylvania"}'}]},
+    {"messages": [{"role": "system", "content": "Classify the SMS as spam or ham."},
+                  {"role": "user", "content": "WINNER!! Claim your prize now"},
+                  {"role": "assistant", "content": "spam"}]},
+]
+
+
+def dump_dom_offline(chromium: str, page: Path, profile: Path) -> str:
+    """The page's DOM after headless Chromium rendered it with every host name failing to resolve (no network)."""
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+                          "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=5000", "--dump-dom",
+                          page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0 and len(dom.stdout) > 1000, dom.stderr[-2000:]
+    return dom.stdout

@@ -11,16 +11,10 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama_cpp is not importable: scripts/setup.sh installs llama-cpp-python")
 
+from tests.conftest import CHAT_RECORDS  # noqa: E402
 from tuneforge.stages import export  # noqa: E402
 
-RECORDS = [
-    {"messages": [{"role": "system", "content": "Parse the US address into JSON."},
-                  {"role": "user", "content": "1600 Pennsylvania Ave NW, Washington, DC 20500"},
-                  {"role": "assistant", "content": '{"AddressNumber": "1600", "StreetName": "Pennsylvania"}'}]},
-    {"messages": [{"role": "system", "content": "Classify the SMS as spam or ham."},
-                  {"role": "user", "content": "WINNER!! Claim your prize now"},
-                  {"role": "assistant", "content": "spam"}]},
-]
+RECORDS = CHAT_RECORDS
 
 
 @pytest.fixture(scope="module")

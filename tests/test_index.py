@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import copy_repo, git
+from tests.conftest import copy_repo, dump_dom_offline, git
 
 REMOTE_LOAD = re.compile(r"""<(?:script|link|img|iframe)\b[^>]*?\s(?:src|href)=["']https?://""")
 
@@ -185,16 +185,11 @@ def test_index_and_cards_render_offline_in_chromium(repo, tmp_path):
         assert target.exists(), target
         html = target.read_text()
         assert not REMOTE_LOAD.search(html)
-        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                              "--disable-component-update", "--disable-sync", "--no-first-run",
-                              f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
-                              "--virtual-time-budget=5000", "--dump-dom", target.as_uri()],
-                             capture_output=True, text=True, timeout=120)
-        assert dom.returncode == 0 and len(dom.stdout) > 1000, dom.stderr[-2000:]
+        dom = dump_dom_offline(chromium, target, tmp_path / "profile")
         if target == page:
-            assert all(f'<section id="{task}">' in dom.stdout for task in tasks(repo)) and "<svg" in dom.stdout
+            assert all(f'<section id="{task}">' in dom for task in tasks(repo)) and "<svg" in dom
         else:
-            assert "<h2>Evaluation</h2>" in dom.stdout and "<table>" in dom.stdout
+            assert "<h2>Evaluation</h2>" in dom and "<table>" in dom
     shot = tmp_path / "index.png"  # kept in this test's tmp dir for a look
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                     f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",

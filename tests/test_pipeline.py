@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import copy_repo, git
+from tests.conftest import copy_repo, dump_dom_offline, git
 
 pytestmark = pytest.mark.slow
 
@@ -109,13 +109,7 @@ def test_index_and_its_links_render_offline_in_chromium(pipeline, tmp_path):
     dumps = {}
     for page in [index] + [index.parent / link for link in links]:
         assert page.exists(), page
-        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                              "--disable-component-update", "--disable-sync", "--no-first-run",
-                              f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
-                              "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-                             capture_output=True, text=True, timeout=120)
-        assert dom.returncode == 0 and len(dom.stdout) > 1000, dom.stderr[-2000:]
-        dumps[page.name] = dom.stdout
+        dumps[page.name] = dump_dom_offline(chromium, page, tmp_path / "profile")
     assert "address_json" in dumps["index.html"] and "sms_spam" in dumps["index.html"]
     assert "Verdict" in dumps["01_data_audit.html"]
 
