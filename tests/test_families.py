@@ -16,12 +16,14 @@ from tuneforge.core.chat import IGNORE, end_of_turn, prompt_text, render  # noqa
 from tuneforge.core.modeling import load_tokenizer  # noqa: E402
 from tuneforge.core.params import ModelSpec, load_params  # noqa: E402
 from tuneforge.core.paths import (  # noqa: E402
+    base_gguf_dir,
     base_model_dir,
     models_dir,
     predictions_file,
     processed_dir,
 )
 from tuneforge.core.records import read_jsonl, write_jsonl  # noqa: E402
+from tuneforge.stages.base_gguf import export_base_gguf  # noqa: E402
 from tuneforge.stages.base_model import NotExportableError, save_base_model  # noqa: E402
 from tuneforge.stages.evaluate import run_evaluation  # noqa: E402
 from tuneforge.stages.export import run_export  # noqa: E402
@@ -37,6 +39,7 @@ SETTINGS = {
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}},
     "evaluate": {"batch_size": 4},
     "export": {"quantizations": ["Q8_0", "Q4_K_M"], "max_rows": 2, "parity_rows": 2, "gate_quantization": "Q8_0",
+               "imatrix_rows": 4, "compare_without_imatrix": False, "max_metric_drop": 1.0, "min_top1_agreement": 0.0,
                "n_threads": 2},
 }
 
@@ -137,12 +140,13 @@ def test_a_family_goes_through_every_stage(family, tmp_path, prepared, repo_root
     assert len(evaluation.tuned.outputs) == 3 and evaluation.tuned_perplexity > 1
     write_jsonl(predictions_file(TASK), evaluation.prediction_rows())
 
+    export_base_gguf(params, base_model_dir(), base_gguf_dir())  # the file the task's GGUF adapter runs over
     export = run_export(TASK, params)
-    rows = {row["model"]: row for row in export.rows}
-    assert list(rows)[1:] == ["GGUF f16", "GGUF Q8_0", "GGUF Q4_K_M"]
+    rows = {row["label"]: row for row in export.rows}
+    assert list(rows) == ["hf", "f16", "Q8_0", "Q4_K_M", "adapter"]
     # The f16 file computes what the HF model computes (random weights: near-ties may flip a top-1 token).
-    assert rows["GGUF f16"]["mean_kl"] < 0.01 and rows["GGUF f16"]["top1_agreement"] >= 0.8
-    assert rows["GGUF Q4_K_M"]["size_mb"] < rows["GGUF Q8_0"]["size_mb"] < rows["GGUF f16"]["size_mb"]
+    assert rows["f16"]["mean_kl"] < 0.01 and rows["f16"]["top1_agreement"] >= 0.8
+    assert rows["Q4_K_M"]["size_mb"] < rows["Q8_0"]["size_mb"] < rows["f16"]["size_mb"]
     assert all(len(outputs) == 2 for outputs in export.outputs.values())
     # Rows of 256 (hidden) and 512 (intermediate): every layer weight takes a real k-quant, none falls back.
     from gguf import GGUFReader
