@@ -22,7 +22,9 @@ openai = pytest.importorskip("openai")
 import httpx
 
 from tuneforge.core import quantize
+from tuneforge.core.constraints import grammar_for
 from tuneforge.core.gguf import load_llama
+from tuneforge.core.params import load_params
 
 TASKS = {"address_json": ("Parse the US address into JSON.", ["1600 Pennsylvania Ave NW, Washington, DC 20500",
                                                               "350 Fifth Avenue, New York, NY 10118"]),
@@ -75,9 +77,15 @@ def root(tmp_path_factory, repo_root, base_model_dir):
 
 
 def merged_answer(root, task: str, text: str) -> str:
+    """The merged file's answer to the request the server makes of it: the task's grammar, plain greedy."""
+    from llama_cpp import LlamaGrammar
+
+    output = load_params(root / "params.yaml").task(task).output
+    grammar = {"grammar": LlamaGrammar.from_string(grammar_for(output, text), verbose=False)} if output.constrained else {}
     llm = load_llama(root / "models" / task / "gguf" / "model-f16.gguf", n_threads=2)
     reply = llm.create_chat_completion(messages=[{"role": "system", "content": TASKS[task][0]},
-                                                 {"role": "user", "content": text}], temperature=0, max_tokens=MAX_TOKENS)
+                                                 {"role": "user", "content": text}], temperature=0, max_tokens=MAX_TOKENS,
+                                       repeat_penalty=1.0, **grammar)
     llm.close()
     return reply["choices"][0]["message"]["content"]
 
