@@ -100,7 +100,8 @@ def test_gates_chart_and_params(repo):
         # One bar per model and metric, its width the value on a 260-pixel scale.
         widths = [float(w) for w in re.findall(r'<rect x="110" y="[\d.]+" width="([\d.]+)"', chart)]
         assert round(ev[f"tuned_{spec['primary_metric']}"] * 260, 1) in widths
-        assert "classical baseline" not in chart  # not evaluated in these metrics
+        # The baseline's bar exactly when the evaluation scored one.
+        assert ("classical baseline" in chart) == (f"baseline_{spec['primary_metric']}" in ev)
     assert "<details>" in page and "Parameters of this run" in page
     params_block = page.split("Parameters of this run")[1]
     assert "learning_rate" in params_block and "<script" not in page
