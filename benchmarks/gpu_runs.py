@@ -104,13 +104,15 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
     import torch
 
     from tuneforge.core.batching import loss_sum
-    from tuneforge.core.modeling import compute_dtype
-    from tuneforge.stages.train import Mode, build_model
+    from tuneforge.core.modeling import compute_dtype, free_gpu_bytes
+    from tuneforge.stages.train import Mode, build_model, choose_speed
 
     spec = params.train
-    model = build_model(params, Mode("lora", "cuda", compute_dtype("cuda")), base_dir)
+    # the stage's own choices of kernels and checkpointing for these shapes
+    mode = choose_speed(Mode("lora", "cuda", compute_dtype("cuda")), spec, base_dir, free_gpu_bytes(torch.device("cuda")))
+    model = build_model(params, mode, base_dir)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     g = torch.Generator().manual_seed(1)
     for i in range(warmup + steps):
         if i == warmup:
@@ -127,7 +129,7 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     return {"tokens_per_second": steps * spec.batch_size * spec.max_seq_len / seconds, "steps": steps,
-            "packed_every": packed_every,
+            "packed_every": packed_every, "kernels": mode.kernels, "gradient_checkpointing": mode.gradient_checkpointing,
             "batch": spec.batch_size, "seq": spec.max_seq_len, "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 
@@ -155,6 +157,12 @@ def task_run(args) -> dict:
     save_base_model(params.model, base_model_dir())
     base_seconds = time.perf_counter() - started
     train = train_task(args.task, params)
+    if args.no_evaluate:
+        out = {"task": args.task, "profile": args.profile, "base": params.model.base, "params_train": params.train.model_dump(),
+               "train": train, "model_step": model_step(base_model_dir(), params)}
+        out["stage_over_model_step"] = train["tokens_per_second"] / out["model_step"]["tokens_per_second"]
+        out["stage_steps_over_model_step"] = train["step_tokens_per_second"] / out["model_step"]["tokens_per_second"]
+        return out
     test = read_jsonl(processed_dir(args.task) / "test.jsonl")[: args.test_rows or None]
     validation = read_jsonl(processed_dir(args.task) / "validation.jsonl")[: args.test_rows or None]
     started = time.perf_counter()
@@ -220,6 +228,7 @@ def main() -> None:
     tk.add_argument("--export", action="store_true", help="then merge, convert, quantize and run the GGUF files")
     tk.add_argument("--export-rows", type=int, default=20, help="test rows each GGUF file answers")
     tk.add_argument("--model-step", action="store_true", help="also time the model step alone on the same shapes")
+    tk.add_argument("--no-evaluate", action="store_true", help="train, then time the model step alone; no evaluation")
     st = sub.add_parser("step")
     st.add_argument("--work", required=True)
     st.add_argument("--base", required=True)

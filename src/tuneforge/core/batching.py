@@ -134,9 +134,15 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     keep = targets != IGNORE
     # On CUDA, autocast keeps the fp32 pieces (LoRA weights, and the norms and head that QLoRA's
     # preparation upcasts) in bf16 matmuls: without it a 1B QLoRA step ran at half the speed.
+    fused = getattr(lm, "fused_linear_cross_entropy", None) if torch.is_grad_enabled() else None
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=targets.device.type == "cuda"):
         hidden = lm.base_model(**inputs).last_hidden_state[:, :-1]  # the decoder, whatever the architecture names it
-        logits = lm.get_output_embeddings()(hidden[keep])
+        head = lm.get_output_embeddings()
+        # Liger (modeling.apply_liger_kernels): head and loss in chunks, no full logits. Only over a plain head
+        # (not one with LoRA adapters or 4-bit weights, whose .weight alone is not the layer).
+        if fused is not None and type(head) is torch.nn.Linear:
+            return fused(head.weight, hidden[keep], targets[keep], head.bias)
+        logits = head(hidden[keep])
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 

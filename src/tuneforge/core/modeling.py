@@ -66,3 +66,43 @@ def bf16_weight_bytes(model_dir: Path) -> int:
 
 def free_gpu_bytes(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0]
+
+
+def liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def choose_kernels(setting: str, device_type: str) -> tuple[str, str]:
+    """("liger" or "none", why). Liger's kernels are Triton, so GPU-only; on a CPU nothing changes."""
+    if setting == "none":
+        return "none", "train.kernels: none"
+    if device_type != "cuda":
+        if setting == "liger":
+            raise ValueError("train.kernels: liger needs a CUDA GPU (Liger's kernels are Triton); use auto or none")
+        return "none", "no GPU: PyTorch's kernels (Liger's are Triton, GPU-only)"
+    if not liger_installed():
+        if setting == "liger":
+            raise ImportError("train.kernels: liger, but liger-kernel is not installed: pip install 'tuneforge[gpu]'")
+        return "none", "liger-kernel is not installed (pip install 'tuneforge[gpu]'): PyTorch's kernels"
+    return "liger", f"train.kernels: {setting}: Liger's kernels on CUDA"
+
+
+def apply_liger_kernels(model) -> str:
+    """Liger's RMSNorm, SwiGLU and RoPE into a transformers CausalLM, in place (before peft wraps it), and its fused
+    linear cross-entropy for batching.answer_loss (the head and the loss in chunks: no full logits tensor).
+
+    Returns what was applied. The fused loss works for any architecture; the layer kernels only for the families
+    liger-kernel knows (llama, qwen2/3, mistral, gemma, phi3, ...).
+    """
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    model.fused_linear_cross_entropy = LigerFusedLinearCrossEntropyLoss(
+        reduction="sum", softcap=getattr(model.config, "final_logit_softcapping", None))
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return f"fused linear cross-entropy only (liger-kernel has no layer kernels for {model.config.model_type})"
+    # The loss is fused in answer_loss (which runs the head only on trained positions), not in the model's forward.
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    return "RMSNorm, SwiGLU, RoPE and fused linear cross-entropy"

@@ -143,7 +143,17 @@ class TrainSpec(Strict):
     max_steps: int = Field(0, ge=0, description="0: run the given epochs")
     batch_size: int = Field(8, ge=1, description="rows (packed sequences) per micro-batch, per process")
     grad_accum: int = Field(1, ge=1)
-    gradient_checkpointing: StrictBool = False
+    gradient_checkpointing: Literal["auto"] | StrictBool = Field(
+        False, description="recompute activations in the backward pass: less memory, ~25-35% slower. auto: on a GPU, "
+        "only when the estimated activations would take more than auto_checkpointing_memory_share of the free memory; "
+        "never on a CPU")
+    auto_checkpointing_memory_share: float = Field(
+        0.5, gt=0, le=1, description="gradient_checkpointing auto: checkpoint when the estimated activations of one "
+        "micro-batch exceed this share of the GPU memory left after the weights")
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto", description="auto: Liger's fused kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on a GPU "
+        "when liger-kernel is installed (pip install 'tuneforge[gpu]'), else PyTorch's; none on a CPU. The choice and "
+        "its reason go into train.json")
     eval_every: int = Field(10, ge=1)
     eval_rows: int = Field(64, ge=1)
     early_stopping_patience: int = Field(3, ge=1)

@@ -35,7 +35,9 @@ from tuneforge.core.batching import (
     render_records,
 )
 from tuneforge.core.modeling import (
+    apply_liger_kernels,
     bf16_weight_bytes,
+    choose_kernels,
     compute_dtype,
     free_gpu_bytes,
     load_causal_lm,
@@ -60,6 +62,9 @@ class Mode:
     device: str
     dtype: torch.dtype
     reason: str = ""
+    gradient_checkpointing: bool = False
+    kernels: str = "none"  # "liger" or "none"
+    speed_reason: str = ""
 
 
 def choose_mode(spec: TrainSpec, model_dir: Path, device: torch.device, free_bytes: int | None = None) -> Mode:
@@ -86,6 +91,47 @@ def choose_mode(spec: TrainSpec, model_dir: Path, device: torch.device, free_byt
                 f"{verdict}")
 
 
+def activation_bytes(model_dir: Path, tokens: int, trust_remote_code: bool = False) -> int:
+    """A generous estimate of what one micro-batch's activations take without checkpointing, from the config.
+
+    Measured on one H200 (benchmarks/README.md, LoRA on all linear layers, bf16): Llama-3.2-1B's shape kept
+    ~180 KB a token a layer; 2 bytes x (24 x hidden + 8 x intermediate) is 229 KB for it, a margin for
+    LoRA dropout's copies and the allocator.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    config = getattr(config, "text_config", None) or config
+    per_token_layer = 2 * (24 * config.hidden_size + 8 * getattr(config, "intermediate_size", 4 * config.hidden_size))
+    return tokens * config.num_hidden_layers * per_token_layer
+
+
+def choose_speed(mode: Mode, spec: TrainSpec, model_dir: Path, free_bytes: int | None, trust_remote_code: bool = False) -> Mode:
+    """Kernels and gradient checkpointing for this device (both GPU-only levers; a CPU run keeps what it had).
+
+    Checkpointing recomputes each layer's forward in the backward (~30% slower): worth it only where the
+    activations would not fit. `auto` checkpoints when one micro-batch's estimated activations exceed
+    auto_checkpointing_memory_share of the GPU memory left after the weights (4-bit ones for QLoRA).
+    """
+    kernels, kernel_reason = choose_kernels(spec.kernels, torch.device(mode.device).type)
+    if spec.gradient_checkpointing != "auto":
+        checkpointing, why = spec.gradient_checkpointing, f"train.gradient_checkpointing: {spec.gradient_checkpointing}"
+    elif free_bytes is None:
+        checkpointing, why = False, "auto: no GPU, no checkpointing"
+    else:
+        weights = bf16_weight_bytes(model_dir) // (4 if mode.name == "qlora" else 1)
+        need = activation_bytes(model_dir, spec.batch_size * spec.max_seq_len, trust_remote_code)
+        room = max(0, free_bytes - weights) * spec.auto_checkpointing_memory_share
+        checkpointing = need > room
+        why = (f"auto: activations ~{need / 1e9:.1f} GB for {spec.batch_size} x {spec.max_seq_len} tokens "
+               f"{'above' if checkpointing else 'within'} {spec.auto_checkpointing_memory_share:.0%} of "
+               f"{max(0, free_bytes - weights) / 1e9:.1f} GB free after the weights: "
+               f"{'checkpointing' if checkpointing else 'no checkpointing'}")
+    mode.gradient_checkpointing, mode.kernels = checkpointing, kernels
+    mode.speed_reason = f"kernels: {kernel_reason}; gradient checkpointing: {why}"
+    return mode
+
+
 # ---------------------------------------------------------------- schedule
 
 
@@ -109,12 +155,14 @@ def build_model(params: Params, mode: Mode, model_dir: Path | None = None):
     model = load_causal_lm(model_dir or base_model_dir(), dtype=mode.dtype, device=mode.device, load_in_4bit=mode.name == "qlora",
                            trust_remote_code=params.model.trust_remote_code)
     model.config.use_cache = False
+    if mode.kernels == "liger":  # before peft wraps the layers: Liger patches the modules themselves
+        mode.speed_reason += f" ({apply_liger_kernels(model)})"
     # Non-reentrant checkpointing: the reentrant kind breaks DDP's gradient hooks and needs input grads.
     checkpointing = {"use_reentrant": False}
     if mode.name == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=mode.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=checkpointing)
-    elif spec.gradient_checkpointing:
+    elif mode.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                       target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
@@ -185,7 +233,8 @@ def train_task(task: str, params: Params | None = None) -> dict:
     # so no process is left without a batch while the others wait in an all-reduce.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=spec.seed,
-                                                                        even_batches=True))
+                                                                        even_batches=True,
+                                                                        non_blocking=torch.cuda.is_available()))
     is_main = accelerator.is_main_process
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
@@ -193,7 +242,8 @@ def train_task(task: str, params: Params | None = None) -> dict:
     free = None
     if accelerator.device.type == "cuda":  # the tightest GPU decides, so every process picks the same mode
         free = int(accelerator.gather(torch.tensor([free_gpu_bytes(accelerator.device)], device=accelerator.device)).min())
-    mode = choose_mode(spec, base_model_dir(), accelerator.device, free)
+    mode = choose_speed(choose_mode(spec, base_model_dir(), accelerator.device, free), spec, base_model_dir(), free,
+                        params.model.trust_remote_code)
 
     tokenizer = load_tokenizer(base_model_dir())
     data = processed_dir(task)
@@ -205,13 +255,16 @@ def train_task(task: str, params: Params | None = None) -> dict:
     rows = TrainRows(train_examples, spec, seed=spec.seed)
     # Its own generator: starting an epoch's iterator then draws nothing from the global RNG (which dropout
     # uses), so a resumed run, restoring that RNG from its checkpoint, continues exactly.
+    # On a GPU, pinned host batches copy to the device without blocking the host (non_blocking above).
     loader = torch.utils.data.DataLoader(rows, batch_size=spec.batch_size * spec.grad_accum, shuffle=True,
+                                         pin_memory=torch.cuda.is_available(),
                                          generator=torch.Generator().manual_seed(spec.seed),
                                          collate_fn=StepCollator(spec.batch_size, tokenizer.pad_token_id, spec.packing))
 
     model = build_model(params, mode)
+    # Fused AdamW on a GPU (one kernel for all LoRA tensors); the CPU keeps torch's default implementation.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate,
-                                  weight_decay=spec.weight_decay)
+                                  weight_decay=spec.weight_decay, fused=True if accelerator.device.type == "cuda" else None)
     # The forward goes through accelerate's wrapper (DDP): AnswerLoss's forward is the masked loss.
     # The model is already on its device (QLoRA's 4-bit weights must not be moved again).
     loss_model, optimizer, loader = accelerator.prepare(AnswerLoss(model), optimizer, loader,
@@ -252,6 +305,17 @@ def train_task(task: str, params: Params | None = None) -> dict:
 
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    unread_losses: list[torch.Tensor] = []  # the train losses of the steps since the last read, still on the device
+    unread_records: list[dict] = []
+
+    def read_losses() -> None:
+        """One host sync for all the steps since the last read."""
+        if unread_losses:
+            for rec, value in zip(unread_records, torch.stack(unread_losses).tolist(), strict=True):
+                rec["train_loss"] = value
+            unread_losses.clear()
+            unread_records.clear()
+
     loss_model.train()
     eval_seconds = checkpoint_seconds = 0.0
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {task}", disable=not is_main, mininterval=5)
@@ -288,11 +352,15 @@ def train_task(task: str, params: Params | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step + 1
             state["tokens_seen"] += tokens
-            # This process's share of the step's mean loss, summed over processes.
-            train_loss = float(accelerator.reduce(loss_value, reduction="sum")) / accelerator.num_processes
-            record = {"step": state["step"], "tokens_seen": state["tokens_seen"], "train_loss": train_loss,
+            # This process's share of the step's mean loss, summed over processes. It stays on the device until
+            # the next evaluation or checkpoint: reading it every step would stall the host until the GPU
+            # finished the step, so the next step's batch and kernel launches could not overlap it.
+            unread_losses.append(accelerator.reduce(loss_value, reduction="sum") / accelerator.num_processes)
+            record = {"step": state["step"], "tokens_seen": state["tokens_seen"], "train_loss": None,
                       "eval_loss": None, "lr": lr}
+            unread_records.append(record)
             if state["step"] % spec.eval_every == 0 or state["step"] == total_steps:
+                read_losses()
                 eval_started = time.perf_counter()
                 record["eval_loss"] = validation_loss()
                 if record["eval_loss"] < state["best_eval_loss"]:
@@ -305,7 +373,9 @@ def train_task(task: str, params: Params | None = None) -> dict:
             state["history"].append(record)
             elapsed = time.perf_counter() - started
             tokens_per_s = (state["tokens_seen"] - tokens_at_start) / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{train_loss:.3f}", eval=f"{state['best_eval_loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            if record["eval_loss"] is not None:
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", eval=f"{state['best_eval_loss']:.3f}",
+                                tok_s=f"{tokens_per_s:.0f}", refresh=False)
             bar.update(1)
             if state["bad_evals"] >= spec.early_stopping_patience:
                 stop_reason = f"early stopping: no better validation loss in {spec.early_stopping_patience} evaluations"
@@ -313,18 +383,21 @@ def train_task(task: str, params: Params | None = None) -> dict:
             if state["step"] >= total_steps:
                 break
             if is_main and state["step"] % spec.checkpoint_every == 0:
+                read_losses()
                 checkpoint_started = time.perf_counter()
                 write_best()
                 save_checkpoint(checkpoint_dir, model, optimizer,
                                 {**state, "train_seconds": state["train_seconds"] + elapsed}, adapter_dir)
                 checkpoint_seconds += time.perf_counter() - checkpoint_started
     bar.close()
+    read_losses()
     elapsed = time.perf_counter() - started
     state["train_seconds"] += elapsed
     write_best()
 
     metrics = {
         "task": task, "mode": mode.name, "mode_reason": mode.reason, "device": str(accelerator.device),
+        "kernels": mode.kernels, "gradient_checkpointing": mode.gradient_checkpointing, "speed_reason": mode.speed_reason,
         "dtype": str(mode.dtype).replace("torch.", ""),
         "processes": accelerator.num_processes, "steps": state["step"], "planned_steps": total_steps,
         "steps_per_epoch": steps_per_epoch, "stop_reason": stop_reason, "resumed_from_step": resumed_from,
