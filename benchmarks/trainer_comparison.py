@@ -28,7 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from train_throughput import ARCHS  # noqa: E402
+from train_throughput import ARCHS
 
 ARCHS = {**ARCHS, "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),  # a CPU smoke test
@@ -158,7 +158,13 @@ def tiny_tokenizer():
 def run_hf(model_dir: Path, mode: str, variant: str, case: dict, args) -> dict:
     """Trainer / SFTTrainer + peft (+ bitsandbytes) as their documentation sets them up, checkpointing on."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     reset()
     kw: dict = {"dtype": torch.bfloat16}

@@ -23,7 +23,7 @@ from tuneforge.core.batching import (
 )
 from tuneforge.core.params import load_params
 from tuneforge.stages.prepare import prepare, write_prepared
-from tuneforge.stages.train import Mode, build_model, choose_mode
+from tuneforge.stages.train import Mode, build_model, choose_mode, choose_speed
 
 TINY = {"max_seq_len": 128, "batch_size": 2, "max_steps": 4, "eval_every": 2, "eval_rows": 4,
         "checkpoint_every": 1, "early_stopping_patience": 10, "lora": {"r": 4, "alpha": 8, "dropout": 0.1,
@@ -170,6 +170,31 @@ def test_auto_mode_decides_by_memory(base_model_dir):
     forced = choose_mode(TrainSpec(mode="qlora"), base_model_dir, cuda, free_bytes=140 * 10**9)
     assert forced.name == "qlora" and "forced" in forced.reason
     assert choose_mode(TrainSpec(), base_model_dir, torch.device("cpu")).name == "lora"
+
+
+def test_speed_levers_are_gpu_only_and_checkpointing_decides_by_memory(base_model_dir, monkeypatch):
+    """kernels auto: PyTorch's on a CPU (a CPU run is unchanged), Liger's on a GPU only when installed, else a
+    recorded fallback; gradient_checkpointing auto: only when the activations would crowd the free memory."""
+    from tuneforge.core import modeling
+    from tuneforge.core.params import TrainSpec
+
+    cpu = choose_speed(Mode("lora", "cpu", torch.float32), TrainSpec(gradient_checkpointing="auto"), base_model_dir, None)
+    assert cpu.kernels == "none" and cpu.gradient_checkpointing is False and "no GPU" in cpu.speed_reason
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        choose_speed(Mode("lora", "cpu", torch.float32), TrainSpec(kernels="liger"), base_model_dir, None)
+
+    spec = TrainSpec(gradient_checkpointing="auto", max_seq_len=1024, batch_size=8)
+    monkeypatch.setattr(modeling, "liger_installed", lambda: False)
+    roomy = choose_speed(Mode("lora", "cuda", torch.bfloat16), spec, base_model_dir, 140 * 10**9)
+    assert roomy.kernels == "none" and "not installed" in roomy.speed_reason
+    assert roomy.gradient_checkpointing is False and "no checkpointing" in roomy.speed_reason
+    tight = choose_speed(Mode("lora", "cuda", torch.bfloat16), spec, base_model_dir, 2 * 10**9)
+    assert tight.gradient_checkpointing is True and "checkpointing" in tight.speed_reason
+    monkeypatch.setattr(modeling, "liger_installed", lambda: True)
+    assert choose_speed(Mode("lora", "cuda", torch.bfloat16), spec, base_model_dir, 140 * 10**9).kernels == "liger"
+    forced = choose_speed(Mode("lora", "cuda", torch.bfloat16), TrainSpec(gradient_checkpointing=True), base_model_dir,
+                          140 * 10**9)
+    assert forced.gradient_checkpointing is True
 
 
 @pytest.mark.cuda

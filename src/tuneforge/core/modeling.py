@@ -97,7 +97,10 @@ def apply_liger_kernels(model) -> str:
     liger-kernel knows (llama, qwen2/3, mistral, gemma, phi3, ...).
     """
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import (
+        MODEL_TYPE_TO_APPLY_LIGER_FN,
+        _apply_liger_kernel_to_instance,
+    )
 
     model.fused_linear_cross_entropy = LigerFusedLinearCrossEntropyLoss(
         reduction="sum", softcap=getattr(model.config, "final_logit_softcapping", None))
