@@ -5,6 +5,7 @@ Random weights of real architectures (saved once a shape), random full rows of `
 trained, LoRA r 16 (alpha 32, no dropout) on all linear layers, bf16; 10 timed steps after 3 warm-up steps.
 Peak memory is torch.cuda.max_memory_allocated from before the model is loaded (weights included).
 
+    pip install -e ".[gpu,bench]"   # liger-kernel; trl + datasets for the SFTTrainer rows
     python benchmarks/trainer_comparison.py --out results_trainer_h200.json             # CUDA, the default cases
     python benchmarks/trainer_comparison.py --cases llama-3.2-1b:1024:8 --modes lora --only tf_base trainer
 
