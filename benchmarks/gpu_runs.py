@@ -162,6 +162,8 @@ def task_run(args) -> dict:
                "train": train, "model_step": model_step(base_model_dir(), params)}
         out["stage_over_model_step"] = train["tokens_per_second"] / out["model_step"]["tokens_per_second"]
         out["stage_steps_over_model_step"] = train["step_tokens_per_second"] / out["model_step"]["tokens_per_second"]
+        if train["steady_tokens_per_second"]:
+            out["stage_steady_over_model_step"] = train["steady_tokens_per_second"] / out["model_step"]["tokens_per_second"]
         return out
     test = read_jsonl(processed_dir(args.task) / "test.jsonl")[: args.test_rows or None]
     validation = read_jsonl(processed_dir(args.task) / "validation.jsonl")[: args.test_rows or None]

@@ -154,6 +154,7 @@ def test_two_processes_finish_an_odd_batch_count(tiny_root):
     two = launch(tiny_root, 2)
     assert two["steps_per_epoch"] == 2 and two["steps"] == two["planned_steps"] == 4
     assert two["final_train_loss"] > 0 and two["stop_reason"] == "epochs"
+    assert two["steady_tokens_per_second"] > 0  # the 4th step, after the 3 warm-up steps
 
 
 def test_auto_mode_decides_by_memory(base_model_dir):

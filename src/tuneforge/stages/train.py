@@ -134,6 +134,8 @@ def choose_speed(mode: Mode, spec: TrainSpec, model_dir: Path, free_bytes: int |
 
 # ---------------------------------------------------------------- schedule
 
+WARMUP_STEPS = 3  # steps that train.json's steady_tokens_per_second leaves out (first kernel compiles, allocator growth)
+
 
 def lr_at(step: int, total: int, spec: TrainSpec) -> float:
     """Linear warmup, then cosine decay to zero over the run's planned steps."""
@@ -321,6 +323,7 @@ def train_task(task: str, params: Params | None = None) -> dict:
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {task}", disable=not is_main, mininterval=5)
     started = time.perf_counter()
     tokens_at_start = state["tokens_seen"]
+    warm_mark = None  # (time, tokens seen, validation + checkpoint seconds) after the first WARMUP_STEPS steps
     stop_reason = "max_steps" if spec.max_steps else "epochs"
     while state["step"] < total_steps and stop_reason in ("max_steps", "epochs"):
         epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
@@ -359,6 +362,8 @@ def train_task(task: str, params: Params | None = None) -> dict:
             record = {"step": state["step"], "tokens_seen": state["tokens_seen"], "train_loss": None,
                       "eval_loss": None, "lr": lr}
             unread_records.append(record)
+            if state["step"] == resumed_from + WARMUP_STEPS:  # the steady state starts: kernels compiled, caches warm
+                warm_mark = (time.perf_counter(), state["tokens_seen"], eval_seconds + checkpoint_seconds)
             if state["step"] % spec.eval_every == 0 or state["step"] == total_steps:
                 read_losses()
                 eval_started = time.perf_counter()
@@ -405,6 +410,10 @@ def train_task(task: str, params: Params | None = None) -> dict:
         "tokens_per_second": (state["tokens_seen"] - tokens_at_start) / max(elapsed, 1e-9),
         # the same without validation and checkpoint time: the training steps alone
         "step_tokens_per_second": (state["tokens_seen"] - tokens_at_start) / max(elapsed - eval_seconds - checkpoint_seconds, 1e-9),
+        # the steps after the first WARMUP_STEPS, without validation and checkpoints: comparable with a model step
+        # timed after warm-up (benchmarks/gpu_runs.py)
+        "steady_tokens_per_second": None if warm_mark is None else (state["tokens_seen"] - warm_mark[1]) / max(
+            started + elapsed - warm_mark[0] - (eval_seconds + checkpoint_seconds - warm_mark[2]), 1e-9),
         "eval_seconds": eval_seconds, "checkpoint_seconds": checkpoint_seconds,
         "wall_seconds": state["train_seconds"],
         "base_eval_loss": state["base_eval_loss"], "best_eval_loss": state["best_eval_loss"],
