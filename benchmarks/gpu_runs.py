@@ -261,8 +261,8 @@ def pipeline_run(args) -> dict:
     out = {"profile": args.profile, "profile_changes": changes, "base": params["model"]["base"],
            "gates_off": args.gates_off, "overrides": args.set, "tasks": list(params["tasks"]), "returncode": proc.returncode,
            "repro_seconds": total, "stage_seconds": {name: end - start for (name, start), end in zip(starts, ends)},
-           "metrics": {f"{f.parent.name}/{f.stem}": json.loads(f.read_text())
-                       for f in sorted((work / "metrics").glob("*/*.json"))},
+           "metrics": {f"{task}/{f.stem}": json.loads(f.read_text())  # the tasks run (the copy holds the others')
+                       for task in params["tasks"] for f in sorted((work / "metrics" / task).glob("*.json"))},
            "gguf_mb": {str(f.relative_to(work)): f.stat().st_size / 1e6 for f in sorted((work / "models").glob("*/*/*.gguf"))}}
     save(args, out)
     if proc.returncode:
