@@ -10,6 +10,13 @@ set -euo pipefail
 out=$(mkdir -p "$1" && cd "$1" && pwd); shift
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+# Packages installed with `pip install --target DIR` keep their Jupyter data (nbconvert's HTML templates) in
+# DIR/share/jupyter, where Jupyter only looks when JUPYTER_PATH names it.
+IFS=: read -ra dirs <<< "$PYTHONPATH"
+for dir in "${dirs[@]}"; do
+    [ -d "$dir/share/jupyter" ] && export JUPYTER_PATH="$dir/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
+done
 if ! command -v python >/dev/null; then  # dvc.yaml's commands call `python`; some images have only python3
     mkdir -p ~/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > ~/bin/python && chmod +x ~/bin/python
     export PATH=~/bin:$PATH
