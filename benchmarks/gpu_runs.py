@@ -6,6 +6,9 @@
     # one task through prepare -> base_model -> train -> evaluate under a profile (the stage functions directly):
     python benchmarks/gpu_runs.py task --work /tmp/aj --task address_json --profile gpu
 
+    # the whole pipeline through `dvc repro` in a scratch copy of this repository, on a local base folder:
+    python benchmarks/gpu_runs.py pipeline --work /tmp/p --base /tmp/llama1b --profile gpu --set export.max_rows=8
+
 Each prints and writes (--out) a JSON of the stage's own train.json figures (and evaluation metrics).
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -192,6 +196,90 @@ def task_run(args) -> dict:
     return out
 
 
+STAGE_START = re.compile(r"^Running stage '([^']+)'")
+
+
+def copy_project(work: Path) -> None:
+    """This repository's tracked files (every file, where no .git is beside them: a carried copy) into `work`."""
+    if (REPO / ".git").exists():
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        files = [f for f in listed.split("\0") if f and (REPO / f).is_file()]
+    else:
+        files = [str(f.relative_to(REPO)) for f in REPO.rglob("*")
+                 if f.is_file() and not {"vendor", "__pycache__", ".venv"} & set(f.relative_to(REPO).parts)]
+    for name in files:
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, work / name)
+
+
+def pipeline_run(args) -> dict:
+    """`dvc repro` of the whole pipeline in a scratch copy, on `--base`, under a profile and `--set` overrides.
+
+    The copy is a git repository of its own (one commit), so DVC, the metrics' commit stamps and the index's
+    "what changed" all work as in a user's clone. Each stage's wall time comes from DVC's own log: from its
+    "Running stage" line to the next one (the last stage: to the end of the run).
+    """
+    work = Path(args.work).resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    copy_project(work)
+    (work / "vendor").symlink_to((REPO / "vendor").resolve())
+    env = {**os.environ, "TUNEFORGE_ROOT": str(work), "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(work / "src"), os.environ.get("PYTHONPATH")]))}
+    os.environ["TUNEFORGE_ROOT"] = str(work)
+    from tuneforge.core.params import apply_profile, load_params
+
+    changes = apply_profile(args.profile) if args.profile else []
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["model"]["base"] = str(Path(args.base).resolve())
+    if args.tasks:
+        params["tasks"] = {t: params["tasks"][t] for t in args.tasks}
+    if args.gates_off:  # random weights score 0 and their quantized files drift: every gate would stop the run
+        params["evaluate"].update(min_tuned_score=0.0, max_regression=1.0)
+        params["export"].update(max_metric_drop=1.0, min_top1_agreement=0.0)
+        for spec in params["tasks"].values():
+            spec["min_score"] = 0.0
+    for key, value in (kv.split("=", 1) for kv in args.set):  # a dotted path: export.max_rows, tasks.sms_spam.min_score
+        *parents, name = key.split(".")
+        section = params
+        for parent in parents:
+            section = section[parent]
+        section[name] = yaml.safe_load(value)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    load_params()  # validated before DVC starts
+    if shutil.which("git"):
+        git = lambda *a: subprocess.run(["git", *a], cwd=work, check=True, capture_output=True)  # noqa: E731
+        git("init", "-q")
+        git("add", "-A")
+        git("-c", "user.name=tuneforge", "-c", "user.email=tuneforge@localhost", "commit", "-qm", "scratch copy")
+    else:  # no git on the machine: DVC without an SCM (the metrics' commit stamps stay empty)
+        subprocess.run([sys.executable, "-m", "dvc", "config", "core.no_scm", "true"], cwd=work, env=env, check=True)
+    log_path = Path(args.log) if args.log else work / "dvc_repro.log"
+    starts: list[tuple[str, float]] = []
+    started = time.perf_counter()
+    with subprocess.Popen([sys.executable, "-m", "dvc", "repro", *args.targets], cwd=work, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc, open(log_path, "w") as log:
+        for line in proc.stdout:
+            now = time.perf_counter() - started
+            log.write(f"[{now:8.1f}s] {line}")
+            log.flush()
+            print(line, end="", flush=True)
+            if match := STAGE_START.match(line):
+                starts.append((match.group(1), now))
+    total = time.perf_counter() - started
+    ends = [t for _, t in starts[1:]] + [total]
+    out = {"profile": args.profile, "profile_changes": changes, "base": params["model"]["base"],
+           "gates_off": args.gates_off, "overrides": args.set, "tasks": list(params["tasks"]), "returncode": proc.returncode,
+           "repro_seconds": total, "stage_seconds": {name: end - start for (name, start), end in zip(starts, ends)},
+           "metrics": {f"{task}/{f.stem}": json.loads(f.read_text())  # the tasks run (the copy holds the others')
+                       for task in params["tasks"] for f in sorted((work / "metrics" / task).glob("*.json"))},
+           "gguf_mb": {str(f.relative_to(work)): f.stat().st_size / 1e6 for f in sorted((work / "models").glob("*/*/*.gguf"))}}
+    save(args, out)
+    if proc.returncode:
+        raise SystemExit(f"dvc repro failed ({proc.returncode}): see {log_path}")
+    return out
+
+
 def step_run(args) -> dict:
     """The model step alone, plain causal rows against packed ones, on a given base folder."""
     work = Path(args.work)
@@ -236,10 +324,19 @@ def main() -> None:
     st.add_argument("--base", required=True)
     st.add_argument("--profile", default="gpu")
     st.add_argument("--packed-every", type=int, nargs="+", default=[0, 160])
-    for p in (mg, tk, st):
+    pl = sub.add_parser("pipeline")
+    pl.add_argument("--work", required=True, help="the scratch copy (replaced)")
+    pl.add_argument("--base", required=True, help="a local Hugging Face folder as model.base")
+    pl.add_argument("--profile", default="gpu")
+    pl.add_argument("--tasks", nargs="*", help="only these tasks (default: every task in params.yaml)")
+    pl.add_argument("--set", action="append", default=[], metavar="DOTTED.KEY=VALUE", help="a setting over the profile")
+    pl.add_argument("--gates-off", action="store_true", help="no quality gate stops the run (for a random-weight base)")
+    pl.add_argument("--targets", nargs="*", default=[], help="dvc repro targets (default: the whole pipeline)")
+    pl.add_argument("--log", help="dvc repro's output, each line stamped with seconds since the start")
+    for p in (mg, tk, st, pl):
         p.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args()
-    result = {"multi-gpu": multi_gpu, "task": task_run, "step": step_run}[args.command](args)
+    result = {"multi-gpu": multi_gpu, "task": task_run, "step": step_run, "pipeline": pipeline_run}[args.command](args)
     print(json.dumps(result, indent=2, default=str))
     save(args, result)
 

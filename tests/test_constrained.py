@@ -111,6 +111,24 @@ def test_hf_generation_is_batched_and_stays_inside_the_grammar(base_model_dir, t
     assert parse_object(free.outputs[0]) is None  # the base model left free answers in prose
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_grammar_masks_the_logits_of_a_model_on_the_gpu(tokenizer):
+    """The mask is built on the CPU and the logits live on the GPU (evaluation on an H200 once failed here with
+    `expected self and mask to be on the same device`)."""
+    import torch
+
+    from tuneforge.core.constraints import hf_logits_processor
+
+    record = {"messages": [{"role": "system", "content": SPAM.system_prompt},
+                           {"role": "user", "content": "WIN a prize, call now"}, {"role": "assistant", "content": "spam"}]}
+    processor = hf_logits_processor(tokenizer, len(tokenizer), grammars_for(SPAM.output, [record]))
+    scores = processor(torch.zeros(1, 4, dtype=torch.long, device="cuda"), torch.zeros(1, len(tokenizer), device="cuda"))
+    allowed = [tokenizer.decode([t]) for t in torch.isfinite(scores[0]).nonzero().flatten().tolist()]
+    assert scores.device.type == "cuda" and allowed
+    assert all("spam".startswith(t) or "ham".startswith(t) for t in allowed), allowed
+
+
 @pytest.fixture(scope="module")
 def embedded_gguf() -> Path:
     from tuneforge.stages.base_model import EMBEDDED_GGUF, embedded_gguf_folder

@@ -145,6 +145,26 @@ def test_what_changed_against_the_committed_metrics(repo):
     assert "No metrics committed at" in text(section(index(repo), task))
 
 
+def test_a_machine_without_git_builds_the_page_and_stamps_no_commit(repo, monkeypatch):
+    """Container images (a GPU machine's) may lack git: DVC then runs with core.no_scm, and nothing may call git."""
+    no_git = str(Path(sys.executable).parent)  # python, no git
+    assert shutil.which("git", path=no_git) is None
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "PATH": no_git}
+    env.pop("TUNEFORGE_ROOT", None)
+    result = subprocess.run([sys.executable, "-m", "tuneforge.cli", "index"], cwd=repo, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    task = next(iter(tasks(repo)))
+    assert "Not a git checkout: nothing to compare with." in text(section((repo / "reports" / "index.html").read_text(), task))
+
+    from tuneforge.core.versions import commit
+
+    monkeypatch.setenv("TUNEFORGE_ROOT", str(repo))
+    assert commit() != ""  # with git: HEAD's hash
+    monkeypatch.setenv("PATH", no_git)
+    assert commit() == ""
+
+
 def test_model_cards_hold_the_facts_of_the_metrics(repo):
     index(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())

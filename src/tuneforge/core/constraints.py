@@ -166,7 +166,8 @@ def mask_logits(logits, allowed):
     if isinstance(logits, np.ndarray):
         logits[: len(allowed)][~allowed] = -np.inf
     else:  # one masked_fill_ for the whole batch: indexing row by row cost ~30x more on this CPU
-        logits[..., : allowed.shape[-1]].masked_fill_(~allowed, -float("inf"))
+        # The grammar's mask is built on the CPU; the logits of a model on a GPU are there.
+        logits[..., : allowed.shape[-1]].masked_fill_(~allowed.to(logits.device), -float("inf"))
     return logits
 
 

@@ -37,7 +37,9 @@ def run_converter(script: str, args: list[str]) -> subprocess.CompletedProcess:
     """One of llama.cpp's converter scripts (export; base_model's vocabulary-only pre-flight reads its log)."""
     folder = converter_dir(script)
     # The bundled gguf-py first: PyPI's gguf is a different version and breaks this converter (LazyChunkedTensor).
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder / "gguf-py"), str(folder)]), "HF_HUB_OFFLINE": "1"}
+    # Then the caller's own PYTHONPATH, where packages installed with `pip --target` live (e.g. on a GPU image).
+    search = [str(folder / "gguf-py"), str(folder), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(search), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(folder / script), *args], env=env, capture_output=True, text=True,
                           check=False)  # callers read the converter's own message
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import shutil
 import subprocess
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
@@ -15,6 +16,8 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "llama-cpp-python", "
 def commit() -> str:
     """HEAD's commit, with '+dirty' when tracked files differ from it ('' outside git)."""
     run = lambda *args: subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True)  # noqa: E731
+    if shutil.which("git") is None:  # a machine without git (a container image): DVC runs there with core.no_scm
+        return ""
     head = run("rev-parse", "HEAD")
     if head.returncode:
         return ""

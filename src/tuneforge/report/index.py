@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -106,6 +107,8 @@ def _load(path: Path) -> dict:
 
 
 def _git(root: Path, *args: str) -> str | None:
+    if shutil.which("git") is None:  # no git on the machine: nothing committed to compare with
+        return None
     result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     return result.stdout if result.returncode == 0 else None
 
