@@ -254,6 +254,10 @@ def pipeline_run(args) -> dict:
         git("-c", "user.name=tuneforge", "-c", "user.email=tuneforge@localhost", "commit", "-qm", "scratch copy")
     else:  # no git on the machine: DVC without an SCM (the metrics' commit stamps stay empty)
         subprocess.run([sys.executable, "-m", "dvc", "config", "core.no_scm", "true"], cwd=work, env=env, check=True)
+    # A 1B base makes multi-GB outputs: hard links into the cache instead of copies (the outputs are never edited
+    # in place: each stage rewrites its own).
+    subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "cache.type", "hardlink,copy"], cwd=work,
+                   env=env, check=True)
     log_path = Path(args.log) if args.log else work / "dvc_repro.log"
     starts: list[tuple[str, float]] = []
     started = time.perf_counter()
