@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 # Numbers that measure the machine, not the model: reported, never judged.
-MACHINE_DEPENDENT = re.compile(r"second|latency|tok_s|memory|wall|environment|_ms\b|p95")
+MACHINE_DEPENDENT = re.compile(r"second|latency|tok_s|memory|bandwidth|wall|environment|_ms\b|p95")
 
 
 def run(cmd: str, cwd: Path) -> None:
