@@ -16,6 +16,15 @@ def repo_root() -> Path:
     return ROOT
 
 
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """A folder shared by one test module and removed after it: the pipeline copies, GGUFs and DVC caches
+    the modules write add up to tens of GB, more than a CI disk may have free."""
+    folder = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def base_model_dir(tmp_path_factory) -> Path:
     """models/base when the pipeline has made it, else a fresh copy from the embedded GGUF."""

@@ -28,7 +28,7 @@ def test_base(request) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, test_base):
+def exported(module_tmp, test_base):
     """A non-trivial LoRA adapter (random B, so merging changes the weights), merged and exported."""
     try:
         export.converter_dir()
@@ -37,7 +37,7 @@ def exported(tmp_path_factory, test_base):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    tmp = tmp_path_factory.mktemp("export")
+    tmp = module_tmp
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(test_base, dtype=torch.float32)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],

@@ -58,9 +58,9 @@ if not builder.VOCAB_DIR.exists():
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, repo_root):
+def prepared(module_tmp, repo_root):
     """address_json's processed splits, cut to a few records (24 train, 4 validation, 3 test)."""
-    root = tmp_path_factory.mktemp("prepared")
+    root = module_tmp
     shutil.copytree(repo_root / "data" / "raw" / TASK, root / "data" / "raw" / TASK)
     params = load_params(repo_root / "params.yaml")
     result = prepare(params.task(TASK), params.split, root)

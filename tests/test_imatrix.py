@@ -20,7 +20,7 @@ RECORDS = CHAT_RECORDS
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, base_model_dir):
+def built(module_tmp, base_model_dir):
     """The base as f16 GGUF, an imatrix from RECORDS, and a random (non-trivial) LoRA adapter as PEFT and GGUF."""
     try:
         quantize.converter_dir("convert_lora_to_gguf.py")
@@ -31,7 +31,7 @@ def built(tmp_path_factory, base_model_dir):
 
     from tuneforge.core.modeling import load_tokenizer
 
-    tmp = tmp_path_factory.mktemp("imatrix")
+    tmp = module_tmp
     tokenizer = load_tokenizer(base_model_dir)
     f16 = quantize.convert_to_gguf(base_model_dir, tmp / "base-f16.gguf")
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32)

@@ -51,8 +51,8 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lab")
+def lab(module_tmp):
+    tmp = module_tmp
     repo = copy_repo(tmp / "repo")
     env_prefix = tmp / "env"  # stands in for .venv: setup.sh links the server config into sys.prefix
     install(repo, prefix=env_prefix)

@@ -41,7 +41,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory, repo_root, base_model_dir):
+def root(module_tmp, repo_root, base_model_dir):
     """A repository root holding what base_gguf and both export stages write."""
     try:
         quantize.converter_dir("convert_lora_to_gguf.py")
@@ -51,7 +51,7 @@ def root(tmp_path_factory, repo_root, base_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root = tmp_path_factory.mktemp("multiserve")
+    root = module_tmp
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     params["export"]["base_quantization"] = "F16"
     (root / "params.yaml").write_text(yaml.safe_dump(params))

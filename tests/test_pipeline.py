@@ -54,8 +54,8 @@ def commit(repo: Path, message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+def pipeline(module_tmp):
+    repo = copy_repo(module_tmp)
     set_params(repo, SMALL)
     commit(repo, "small params")
     first = dvc("repro", cwd=repo)
@@ -166,6 +166,7 @@ def test_share_through_a_dvc_remote(pipeline, tmp_path):
     dvc("push", cwd=repo)
     clone = tmp_path / "clone"
     git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    dvc("config", "--local", "cache.type", "hardlink,copy", cwd=clone)  # one copy of the models on disk, not two
     dvc("pull", cwd=clone)
     assert (clone / "models/base/model.safetensors").exists()
     status = dvc("status", cwd=clone).stdout

@@ -31,8 +31,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def serve_root(tmp_path_factory, repo_root):
-    root = tmp_path_factory.mktemp("serve")
+def serve_root(module_tmp, repo_root):
+    root = module_tmp
     (root / "params.yaml").write_text((repo_root / "params.yaml").read_text())
     (root / "dvc.yaml").write_text("stages: {}\n")
     gguf = root / "models" / "address_json" / "gguf"
