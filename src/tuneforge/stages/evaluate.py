@@ -32,7 +32,8 @@ class Generations:
 @torch.no_grad()
 def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_tokens: int,
              desc: str = "answers", grammars: list[str] | None = None) -> Generations:
-    """Greedy, batched, left-padded (so every prompt ends where generation starts); a progress bar named desc.
+    """Greedy, batched by prompt length, left-padded (so every prompt ends where generation starts); answers come
+    back in record order. A progress bar named desc.
 
     grammars: one GBNF grammar a record (core.constraints); each row of a batch is masked by its own.
     """
@@ -40,27 +41,30 @@ def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_
     model.eval()
     device = next(model.parameters()).device
     n_vocab = model.get_output_embeddings().weight.shape[0]
-    outputs, latency, n_tokens = [], [], []
+    prompts = [prompt_text(tokenizer, r["messages"]) for r in records]
+    # Batches of similar prompt length: a batch pads to its longest prompt, and SMS lengths vary tenfold.
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(records)), key=lambda i: lengths[i])
+    outputs, latency, n_tokens = [""] * len(records), [0.0] * len(records), [0] * len(records)
     total_time = 0.0
     stops = stop_token_ids(tokenizer)
     bar = tqdm(total=len(records), desc=desc, unit="answer")
-    for i in range(0, len(records), batch_size):
-        batch = records[i : i + batch_size]
-        prompts = [prompt_text(tokenizer, r["messages"]) for r in batch]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    for start_at in range(0, len(order), batch_size):
+        batch = order[start_at : start_at + batch_size]
+        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         start = time.perf_counter()  # the grammars' set-up counts: a served request pays it too
-        constraint = (LogitsProcessorList([hf_logits_processor(tokenizer, n_vocab, grammars[i : i + batch_size])])
+        constraint = (LogitsProcessorList([hf_logits_processor(tokenizer, n_vocab, [grammars[i] for i in batch])])
                       if grammars is not None else None)
         out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, logits_processor=constraint,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         elapsed = time.perf_counter() - start
         total_time += elapsed
-        for row in out[:, enc["input_ids"].shape[1]:]:
+        for i, row in zip(batch, out[:, enc["input_ids"].shape[1]:]):
             ids = row.tolist()
-            ids = ids[: next((i for i, t in enumerate(ids) if t in stops), len(ids))]
-            outputs.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-            n_tokens.append(len(ids))
-            latency.append(elapsed / len(batch))
+            ids = ids[: next((k for k, t in enumerate(ids) if t in stops), len(ids))]
+            outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            n_tokens[i] = len(ids)
+            latency[i] = elapsed / len(batch)
         bar.update(len(batch))
     bar.close()
     return Generations(outputs, latency, n_tokens, sum(n_tokens) / max(total_time, 1e-9))

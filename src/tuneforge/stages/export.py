@@ -104,6 +104,11 @@ def next_token_parity(hf_model, tokenizer, llm, records: list[dict], desc: str =
     return {"top1_agreement": agree / max(1, count), "mean_kl": float(torch.cat(kls).mean()), "answer_tokens": count}
 
 
+# The HF speed probe: enough tokens for a rate, few enough that fp32 generation on a CPU (~20 tokens/s) costs
+# seconds, not the minute that 10 prompts x 96 steps took.
+SPEED_PROMPTS, SPEED_STEPS = 4, 32
+
+
 @torch.no_grad()
 def hf_speed(hf_model, tokenizer, records: list[dict], max_new_tokens: int) -> dict:
     """The HF model's prompt and generation tokens/s on the same prompts, one at a time like llama.cpp."""
@@ -116,7 +121,7 @@ def hf_speed(hf_model, tokenizer, records: list[dict], max_new_tokens: int) -> d
         t_prompt += time.perf_counter() - start
         # A fixed number of decoding steps, past the end of the answer: a label's answer ends with the prefill's own
         # token, leaving nothing to time but the noise between two prefills (sms_spam once read 1.2e10 tokens/s).
-        steps = max(2, max_new_tokens)
+        steps = max(2, min(max_new_tokens, SPEED_STEPS))
         start = time.perf_counter()
         out = hf_model.generate(**enc, do_sample=False, min_new_tokens=steps, max_new_tokens=steps,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
@@ -263,7 +268,7 @@ def run_export(task: str, params: Params) -> ExportResult:
     hf_outputs = [p["tuned_output"] for p in rows]
     primary = spec.primary_metric
     bandwidth = memory_bandwidth_gb_s()
-    speed = hf_speed(hf_model, tokenizer, records[:10], spec.max_new_tokens)
+    speed = hf_speed(hf_model, tokenizer, records[:SPEED_PROMPTS], spec.max_new_tokens)
     merged_bytes = (merged_dir / "model.safetensors").stat().st_size
     table = [{"model": "HF merged (fp32 safetensors)", "label": "hf", "file": str(merged_dir / "model.safetensors"),
               "size_mb": merged_bytes / 1e6, primary: score_outputs(spec, records, hf_outputs)[primary],
