@@ -24,7 +24,7 @@ fi
 base=${BASE:-$HOME/llama1b}
 if [ ! -f "$base/config.json" ]; then
     start=$(date +%s)
-    python3 scripts/make_random_model.py llama "$base" --shape llama-3.2-1b --dtype bfloat16
+    python3 scripts/make_random_model.py llama "$base" --shape llama-3.2-1b --dtype bfloat16 --device cuda
     echo "base built in $(( $(date +%s) - start )) s"
 fi
 python3 benchmarks/gpu_runs.py pipeline --work "${WORK:-$HOME/tuneforge-pipeline}" --base "$base" --profile gpu \

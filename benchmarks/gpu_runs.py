@@ -15,6 +15,7 @@ Each prints and writes (--out) a JSON of the stage's own train.json figures (and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -99,11 +100,13 @@ def multi_gpu(args) -> dict:
             "eval_loss_difference": many["best_eval_loss"] - one["best_eval_loss"], "one_gpu": one, "n_gpus": many}
 
 
-def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_every: int = 0) -> dict:
+def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_every: int = 0,
+               batches: list[dict] | None = None) -> dict:
     """The model step alone on the stage's shapes and settings: full rows of max_seq_len random tokens, all trained.
 
     packed_every > 0: position_ids restart every that many tokens, as in packed rows, so attention runs with the
     block-diagonal mask packing needs instead of the plain causal one.
+    batches: the stage's own micro-batches instead (packed rows, answer tokens trained), taken in turn.
     """
     import torch
 
@@ -118,23 +121,113 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     g = torch.Generator().manual_seed(1)
+    tokens = 0
     for i in range(warmup + steps):
         if i == warmup:
             torch.cuda.synchronize()
-            started = time.perf_counter()
-        ids = torch.randint(0, model.config.vocab_size, (spec.batch_size, spec.max_seq_len), generator=g).cuda()
-        batch = {"input_ids": ids, "labels": ids}
-        if packed_every:
-            batch["position_ids"] = (torch.arange(spec.max_seq_len, device="cuda") % packed_every).expand_as(ids)
+            started, tokens = time.perf_counter(), 0
+        if batches:
+            batch = {k: v.cuda(non_blocking=True) for k, v in batches[i % len(batches)].items()}
+            tokens += int(batch["tokens"])  # real tokens, padding left out (loss_sum does not pass "tokens" on)
+        else:
+            ids = torch.randint(0, model.config.vocab_size, (spec.batch_size, spec.max_seq_len), generator=g).cuda()
+            batch = {"input_ids": ids, "labels": ids}
+            tokens += ids.numel()
+            if packed_every:
+                batch["position_ids"] = (torch.arange(spec.max_seq_len, device="cuda") % packed_every).expand_as(ids)
         s, n = loss_sum(model, batch)
         (s / n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    return {"tokens_per_second": steps * spec.batch_size * spec.max_seq_len / seconds, "steps": steps,
-            "packed_every": packed_every, "kernels": mode.kernels, "gradient_checkpointing": mode.gradient_checkpointing,
-            "batch": spec.batch_size, "seq": spec.max_seq_len, "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+    result = {"tokens_per_second": tokens / seconds, "steps": steps, "packed_every": packed_every,
+              "stage_batches": bool(batches), "kernels": mode.kernels, "gradient_checkpointing": mode.gradient_checkpointing,
+              "batch": spec.batch_size, "seq": spec.max_seq_len, "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return result
+
+
+def stage_batches(task: str, params, steps: int) -> list[dict]:
+    """The first `steps` micro-batches the training stage draws (the stage's own rendering, packing and collation)."""
+    import torch
+
+    from tuneforge.core.batching import StepCollator, TrainRows, render_records
+    from tuneforge.core.modeling import load_tokenizer
+    from tuneforge.core.paths import base_model_dir, processed_dir
+    from tuneforge.core.records import read_jsonl
+
+    spec = params.train
+    tokenizer = load_tokenizer(base_model_dir())
+    rows = TrainRows(render_records(tokenizer, read_jsonl(processed_dir(task) / "train.jsonl"), spec.max_seq_len), spec,
+                     seed=spec.seed)
+    loader = torch.utils.data.DataLoader(rows, batch_size=spec.batch_size * spec.grad_accum, shuffle=True,
+                                         generator=torch.Generator().manual_seed(spec.seed),
+                                         collate_fn=StepCollator(spec.batch_size, tokenizer.pad_token_id, spec.packing,
+                                                                spec.pad_to_multiple_of))
+    out = []
+    for item in loader:
+        for batch in item["micro_batches"]:  # the step's real tokens, shared out (exact with one micro-batch a step)
+            batch["tokens"] = torch.tensor(item["tokens"] // len(item["micro_batches"]))
+        out.extend(item["micro_batches"])
+        if len(out) >= steps:
+            break
+    return out[:steps]
+
+
+@contextlib.contextmanager
+def timed_steps(trace_dir: Path | None = None, name: str = "run", skip: int = 30, active: int = 5):
+    """Each optimizer step's end (after a device sync), from a global optimizer hook: the stage's loop is not touched.
+
+    With trace_dir, torch.profiler records `active` steps after the first `skip` and writes the operator tables
+    (by device time, by host time) and a summary of device-busy time against wall time there.
+    """
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    times: list[float] = []
+    profiler = None
+    if trace_dir:
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        profiler = torch.profiler.profile(activities=activities,
+                                          schedule=torch.profiler.schedule(wait=skip, warmup=1, active=active, repeat=1))
+        profiler.start()
+
+    def hook(optimizer, args, kwargs) -> None:
+        torch.cuda.synchronize()
+        times.append(time.perf_counter())
+        if profiler is not None:
+            profiler.step()
+
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        yield times
+    finally:
+        handle.remove()
+        if profiler is not None:
+            profiler.stop()
+            trace_dir.mkdir(parents=True, exist_ok=True)
+            events = profiler.key_averages()
+            for key in ("device_time_total", "cpu_time_total"):
+                (trace_dir / f"{name}_by_{key}.txt").write_text(events.table(sort_by=key, row_limit=45, max_name_column_width=70))
+            # profiler.step() number k + 1 runs after step k's end (times[k]); steps skip + 1 ... skip + active are recorded
+            window = times[skip : skip + active + 1]
+            kernels = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+            (trace_dir / f"{name}_summary.json").write_text(json.dumps(
+                {"profiled_steps": len(window) - 1, "wall_seconds": window[-1] - window[0] if len(window) > 1 else None,
+                 "device_kernel_seconds": kernels / 1e6,
+                 "device_seconds_all_rows": sum(e.self_device_time_total for e in events) / 1e6}, indent=2) + "\n")
+
+
+def step_time_summary(times: list[float], eval_every: int) -> dict:
+    """Per-step seconds: the first steps, and the median of the rest (steps right after a validation left out)."""
+    import statistics
+
+    gaps = [b - a for a, b in zip(times, times[1:])]  # gaps[i]: step i + 2's time (step 1 has no start mark)
+    plain = [g for i, g in enumerate(gaps) if (i + 1) % eval_every != 0]  # step i + 1 ended with a validation
+    return {"steps": len(times), "first_10_seconds": gaps[:9], "median_seconds_after_20": statistics.median(plain[20:] or plain),
+            "mean_seconds_after_20": statistics.mean(plain[20:] or plain), "max_seconds": max(gaps) if gaps else None}
 
 
 def task_run(args) -> dict:
@@ -160,10 +253,22 @@ def task_run(args) -> dict:
     started = time.perf_counter()
     save_base_model(params.model, base_model_dir())
     base_seconds = time.perf_counter() - started
-    train = train_task(args.task, params)
+    trace_dir = Path(args.trace_dir) if args.trace_dir else None
+    timing = timed_steps(trace_dir, "stage") if args.step_times else contextlib.nullcontext([])
+    with timing as times:
+        train = train_task(args.task, params)
     if args.no_evaluate:
         out = {"task": args.task, "profile": args.profile, "base": params.model.base, "params_train": params.train.model_dump(),
-               "train": train, "model_step": model_step(base_model_dir(), params)}
+               "train": train}
+        if times:
+            out["stage_step_times"] = step_time_summary(times, params.train.eval_every)
+        save(args, out)
+        with timed_steps(trace_dir, "model_step", skip=4) if args.step_times else contextlib.nullcontext([]) as times:
+            out["model_step"] = model_step(base_model_dir(), params)
+        if times:
+            out["model_step_times"] = step_time_summary(times, 10**9)
+        if args.step_times:  # the same model step on the stage's own batches: what the data's shapes cost
+            out["model_step_stage_batches"] = model_step(base_model_dir(), params, batches=stage_batches(args.task, params, 16))
         out["stage_over_model_step"] = train["tokens_per_second"] / out["model_step"]["tokens_per_second"]
         out["stage_steps_over_model_step"] = train["step_tokens_per_second"] / out["model_step"]["tokens_per_second"]
         if train["steady_tokens_per_second"]:
@@ -323,6 +428,8 @@ def main() -> None:
     tk.add_argument("--export-rows", type=int, default=20, help="test rows each GGUF file answers")
     tk.add_argument("--model-step", action="store_true", help="also time the model step alone on the same shapes")
     tk.add_argument("--no-evaluate", action="store_true", help="train, then time the model step alone; no evaluation")
+    tk.add_argument("--step-times", action="store_true", help="time every optimizer step (a device sync after each)")
+    tk.add_argument("--trace-dir", help="with --step-times: torch.profiler tables of 5 steps of the stage and of the model step")
     st = sub.add_parser("step")
     st.add_argument("--work", required=True)
     st.add_argument("--base", required=True)

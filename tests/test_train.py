@@ -62,8 +62,13 @@ def test_packed_and_padded_batches_give_the_same_loss(tiny_root, tokenizer):
     with torch.no_grad():
         packed_sum, packed_n = loss_sum(model, collate_packed(rows, tokenizer.pad_token_id))
         padded_sum, padded_n = loss_sum(model, collate_padded(examples, tokenizer.pad_token_id))
-    assert packed_n == padded_n == sum(e.trained_tokens for e in examples)
+        # rounded up to a width of 64 (the GPU profile): the padding is its own untrained block
+        wide = collate_packed(rows, tokenizer.pad_token_id, multiple=64)
+        wide_sum, wide_n = loss_sum(model, wide)
+    assert packed_n == padded_n == wide_n == sum(e.trained_tokens for e in examples)
+    assert wide["input_ids"].shape[1] % 64 == 0
     assert abs(float(packed_sum) / packed_n - float(padded_sum) / padded_n) < 1e-4
+    assert abs(float(wide_sum) - float(packed_sum)) / packed_n < 1e-4
 
 
 def test_a_killed_run_resumes_to_the_same_adapter(tiny_root):

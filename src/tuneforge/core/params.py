@@ -135,6 +135,9 @@ class TrainSpec(Strict):
         "memory (the rest holds activations, logits and optimizer state); QLoRA otherwise")
     max_seq_len: int = Field(256, ge=16)
     packing: StrictBool = True
+    pad_to_multiple_of: int = Field(
+        1, ge=1, description="batch widths rounded up to a multiple of this: on a GPU a fixed width lets cuDNN's "
+        "attention reuse its plan (the GPU profile's 64); 1 pads to the widest row only")
     lora: LoraSpec = LoraSpec()
     learning_rate: float = Field(1e-3, gt=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)

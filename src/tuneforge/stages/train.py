@@ -261,7 +261,8 @@ def train_task(task: str, params: Params | None = None) -> dict:
     loader = torch.utils.data.DataLoader(rows, batch_size=spec.batch_size * spec.grad_accum, shuffle=True,
                                          pin_memory=torch.cuda.is_available(),
                                          generator=torch.Generator().manual_seed(spec.seed),
-                                         collate_fn=StepCollator(spec.batch_size, tokenizer.pad_token_id, spec.packing))
+                                         collate_fn=StepCollator(spec.batch_size, tokenizer.pad_token_id, spec.packing,
+                                                                spec.pad_to_multiple_of))
 
     model = build_model(params, mode)
     # Fused AdamW on a GPU (one kernel for all LoRA tensors); the CPU keeps torch's default implementation.
