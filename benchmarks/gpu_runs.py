@@ -209,15 +209,14 @@ def timed_steps(trace_dir: Path | None = None, name: str = "run", skip: int = 30
             profiler.stop()
             trace_dir.mkdir(parents=True, exist_ok=True)
             events = profiler.key_averages()
-            for key in ("device_time_total", "cpu_time_total"):
-                (trace_dir / f"{name}_by_{key}.txt").write_text(events.table(sort_by=key, row_limit=45, max_name_column_width=70))
             # profiler.step() number k + 1 runs after step k's end (times[k]); steps skip + 1 ... skip + active are recorded
             window = times[skip : skip + active + 1]
             kernels = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-            (trace_dir / f"{name}_summary.json").write_text(json.dumps(
-                {"profiled_steps": len(window) - 1, "wall_seconds": window[-1] - window[0] if len(window) > 1 else None,
-                 "device_kernel_seconds": kernels / 1e6,
-                 "device_seconds_all_rows": sum(e.self_device_time_total for e in events) / 1e6}, indent=2) + "\n")
+            summary = {"profiled_steps": len(window) - 1, "wall_seconds": window[-1] - window[0] if len(window) > 1 else None,
+                       "device_kernel_seconds": kernels / 1e6}
+            tables = [events.table(sort_by=key, row_limit=45, max_name_column_width=70)
+                      for key in ("self_cpu_time_total", "device_time_total")]
+            (trace_dir / f"{name}_profile.txt").write_text(json.dumps(summary, indent=2) + "\n\n" + "\n\n".join(tables))
 
 
 def step_time_summary(times: list[float], eval_every: int) -> dict:
@@ -263,12 +262,20 @@ def task_run(args) -> dict:
         if times:
             out["stage_step_times"] = step_time_summary(times, params.train.eval_every)
         save(args, out)
-        with timed_steps(trace_dir, "model_step", skip=4) if args.step_times else contextlib.nullcontext([]) as times:
-            out["model_step"] = model_step(base_model_dir(), params)
-        if times:
-            out["model_step_times"] = step_time_summary(times, 10**9)
+        out["model_step"] = model_step(base_model_dir(), params)
         if args.step_times:  # the same model step on the stage's own batches: what the data's shapes cost
-            out["model_step_stage_batches"] = model_step(base_model_dir(), params, batches=stage_batches(args.task, params, 16))
+            batches = stage_batches(args.task, params, 16)
+            out["model_step_stage_batches"] = model_step(base_model_dir(), params, batches=batches)
+            all_trained = [{**b, "labels": b["input_ids"]} for b in batches]  # every position carries loss
+            out["model_step_stage_batches_all_trained"] = model_step(base_model_dir(), params, batches=all_trained)
+            causal = [{k: v for k, v in b.items() if k != "position_ids"} for b in batches]  # one causal block a row
+            out["model_step_stage_batches_no_position_ids"] = model_step(base_model_dir(), params, batches=causal)
+            save(args, out)
+            if trace_dir:  # profiled again (the profiler slows the host): where the time goes, not how fast
+                with timed_steps(trace_dir, "model_step", skip=4):
+                    model_step(base_model_dir(), params)
+                with timed_steps(trace_dir, "model_step_stage_batches", skip=4):
+                    model_step(base_model_dir(), params, batches=batches)
         out["stage_over_model_step"] = train["tokens_per_second"] / out["model_step"]["tokens_per_second"]
         out["stage_steps_over_model_step"] = train["step_tokens_per_second"] / out["model_step"]["tokens_per_second"]
         if train["steady_tokens_per_second"]:
