@@ -110,7 +110,8 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
     """
     import torch
 
-    from tuneforge.core.batching import loss_sum
+    from tuneforge.core.batching import answer_loss
+    from tuneforge.core.chat import IGNORE
     from tuneforge.core.modeling import compute_dtype, free_gpu_bytes
     from tuneforge.stages.train import Mode, build_model, choose_speed
 
@@ -126,17 +127,20 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
         if i == warmup:
             torch.cuda.synchronize()
             started, tokens = time.perf_counter(), 0
+        # The trained-token count comes from the host's copy, as in the stage: no device sync inside a step.
         if batches:
-            batch = {k: v.cuda(non_blocking=True) for k, v in batches[i % len(batches)].items()}
-            tokens += int(batch["tokens"])  # real tokens, padding left out (loss_sum does not pass "tokens" on)
+            host = batches[i % len(batches)]
+            tokens += int(host["tokens"])  # real tokens, padding left out (answer_loss does not pass "tokens" on)
+            trained = int((host["labels"][:, 1:] != IGNORE).sum())
+            batch = {k: v.cuda(non_blocking=True) for k, v in host.items()}
         else:
-            ids = torch.randint(0, model.config.vocab_size, (spec.batch_size, spec.max_seq_len), generator=g).cuda()
+            ids = torch.randint(0, model.config.vocab_size, (spec.batch_size, spec.max_seq_len), generator=g)
+            tokens, trained = tokens + ids.numel(), ids[:, 1:].numel()
+            ids = ids.cuda(non_blocking=True)
             batch = {"input_ids": ids, "labels": ids}
-            tokens += ids.numel()
             if packed_every:
                 batch["position_ids"] = (torch.arange(spec.max_seq_len, device="cuda") % packed_every).expand_as(ids)
-        s, n = loss_sum(model, batch)
-        (s / n).backward()
+        (answer_loss(model, batch) / trained).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
@@ -254,22 +258,28 @@ def task_run(args) -> dict:
     base_seconds = time.perf_counter() - started
     trace_dir = Path(args.trace_dir) if args.trace_dir else None
     timing = timed_steps(trace_dir, "stage") if args.step_times else contextlib.nullcontext([])
+    # The model step before the stage as well as after it: single figures moved by up to 25% between runs.
+    before = model_step(base_model_dir(), params, steps=args.model_steps) if args.variants else None
     with timing as times:
         train = train_task(args.task, params)
     if args.no_evaluate:
         out = {"task": args.task, "profile": args.profile, "base": params.model.base, "params_train": params.train.model_dump(),
                "train": train}
+        if before:
+            out["model_step_before_stage"] = before
         if times:
             out["stage_step_times"] = step_time_summary(times, params.train.eval_every)
         save(args, out)
-        out["model_step"] = model_step(base_model_dir(), params)
-        if args.step_times:  # the same model step on the stage's own batches: what the data's shapes cost
+        steps = args.model_steps
+        out["model_step"] = model_step(base_model_dir(), params, steps=steps)
+        if args.step_times or args.variants:  # the same model step on the stage's own batches: what the data's shapes cost
             batches = stage_batches(args.task, params, 16)
-            out["model_step_stage_batches"] = model_step(base_model_dir(), params, batches=batches)
+            steps = args.variant_steps or steps
+            out["model_step_stage_batches"] = model_step(base_model_dir(), params, steps=steps, batches=batches)
             all_trained = [{**b, "labels": b["input_ids"]} for b in batches]  # every position carries loss
-            out["model_step_stage_batches_all_trained"] = model_step(base_model_dir(), params, batches=all_trained)
+            out["model_step_stage_batches_all_trained"] = model_step(base_model_dir(), params, steps=steps, batches=all_trained)
             causal = [{k: v for k, v in b.items() if k != "position_ids"} for b in batches]  # one causal block a row
-            out["model_step_stage_batches_no_position_ids"] = model_step(base_model_dir(), params, batches=causal)
+            out["model_step_stage_batches_no_position_ids"] = model_step(base_model_dir(), params, steps=steps, batches=causal)
             save(args, out)
             if trace_dir:  # profiled again (the profiler slows the host): where the time goes, not how fast
                 with timed_steps(trace_dir, "model_step", skip=4):
@@ -436,6 +446,10 @@ def main() -> None:
     tk.add_argument("--model-step", action="store_true", help="also time the model step alone on the same shapes")
     tk.add_argument("--no-evaluate", action="store_true", help="train, then time the model step alone; no evaluation")
     tk.add_argument("--step-times", action="store_true", help="time every optimizer step (a device sync after each)")
+    tk.add_argument("--variants", action="store_true",
+                    help="with --no-evaluate: also time the model step on the stage's own batches (as --step-times does)")
+    tk.add_argument("--model-steps", type=int, default=10, help="timed steps of each model-step figure (after 3 warm-up)")
+    tk.add_argument("--variant-steps", type=int, default=0, help="timed steps of the stage-batch variants (0: --model-steps)")
     tk.add_argument("--trace-dir", help="with --step-times: torch.profiler tables of 5 steps of the stage and of the model step")
     st = sub.add_parser("step")
     st.add_argument("--work", required=True)

@@ -15,12 +15,14 @@ import yaml
 from safetensors.torch import load_file
 
 from tuneforge.core.batching import (
+    causal_lm,
     collate_packed,
     collate_padded,
     loss_sum,
     pack,
     render_records,
 )
+from tuneforge.core.chat import IGNORE
 from tuneforge.core.params import load_params
 from tuneforge.stages.prepare import prepare, write_prepared
 from tuneforge.stages.train import Mode, build_model, choose_mode, choose_speed
@@ -69,6 +71,17 @@ def test_packed_and_padded_batches_give_the_same_loss(tiny_root, tokenizer):
     assert wide["input_ids"].shape[1] % 64 == 0
     assert abs(float(packed_sum) / packed_n - float(padded_sum) / padded_n) < 1e-4
     assert abs(float(wide_sum) - float(packed_sum)) / packed_n < 1e-4
+
+    # The fused path (Liger's kernel on a GPU) takes every position, the untrained ones labelled IGNORE: with a
+    # plain head + cross-entropy in the kernel's place it must give the trained positions' loss and nothing else.
+    def fused(weight, hidden, targets, bias):
+        assert hidden.shape[0] == targets.shape[0] == wide["input_ids"].numel() - wide["input_ids"].shape[0]
+        return torch.nn.functional.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE, reduction="sum")
+
+    causal_lm(model).fused_linear_cross_entropy = fused
+    with torch.enable_grad():
+        fused_sum, fused_n = loss_sum(model, wide)
+    assert fused_n == wide_n and abs(float(fused_sum.detach()) - float(wide_sum)) / wide_n < 1e-4
 
 
 def test_a_killed_run_resumes_to_the_same_adapter(tiny_root):
@@ -188,6 +201,9 @@ def test_speed_levers_are_gpu_only_and_checkpointing_decides_by_memory(base_mode
     assert cpu.kernels == "none" and cpu.gradient_checkpointing is False and "no GPU" in cpu.speed_reason
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         choose_speed(Mode("lora", "cpu", torch.float32), TrainSpec(kernels="liger"), base_model_dir, None)
+    with pytest.raises(ValueError, match="flex_attention trains on a GPU only"):
+        choose_speed(Mode("lora", "cpu", torch.float32), TrainSpec(attention="flex_attention"), base_model_dir, None)
+    assert cpu.attention == "sdpa"
 
     spec = TrainSpec(gradient_checkpointing="auto", max_seq_len=1024, batch_size=8)
     monkeypatch.setattr(modeling, "liger_installed", lambda: False)

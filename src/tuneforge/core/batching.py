@@ -134,10 +134,13 @@ def causal_lm(model):
 
 
 def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over the trained (answer) tokens; no host sync.
+    """Summed cross-entropy over the trained (answer) tokens.
 
-    The LM head runs only on positions that carry loss: with a 49k-128k vocabulary it is the
-    most expensive matmul, and most positions (prompts, padding) carry none.
+    PyTorch's path runs the LM head only on positions that carry loss: with a 49k-128k vocabulary it is
+    the most expensive matmul, and most positions (prompts, padding) carry none. Liger's fused path takes
+    every position instead, the untrained ones labelled IGNORE: selecting the trained rows (`hidden[keep]`)
+    waits for the GPU to count them and gives the kernels a new shape every step, which cost more on an
+    H200 than the head's extra rows (benchmarks/README.md).
     """
     lm = causal_lm(model)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "tokens")}
@@ -152,7 +155,7 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # Liger (modeling.apply_liger_kernels): head and loss in chunks, no full logits. Only over a plain head
         # (not one with LoRA adapters or 4-bit weights, whose .weight alone is not the layer).
         if fused is not None and type(head) is torch.nn.Linear:
-            return fused(head.weight, hidden[keep], targets[keep], head.bias)
+            return fused(head.weight, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), head.bias)
         logits = head(hidden[keep])
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
