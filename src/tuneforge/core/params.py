@@ -157,12 +157,6 @@ class TrainSpec(Strict):
         "auto", description="auto: Liger's fused kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on a GPU "
         "when liger-kernel is installed (pip install 'tuneforge[gpu]'), else PyTorch's; none on a CPU. The choice and "
         "its reason go into train.json")
-    attention: Literal["sdpa", "flex_attention"] = Field(
-        "sdpa", description="the attention kernels training runs: PyTorch's scaled_dot_product_attention, or "
-        "FlexAttention (GPU only), whose block mask skips the blocks packed examples do not share")
-    loader_workers: int = Field(
-        0, ge=0, description="DataLoader worker processes that collate the next steps' batches while a step runs "
-        "(the GPU profile's 2: a GPU step waits on the host); 0: collate in the training process")
     eval_every: int = Field(10, ge=1)
     eval_rows: int = Field(64, ge=1)
     early_stopping_patience: int = Field(3, ge=1)

@@ -66,7 +66,6 @@ class Mode:
     reason: str = ""
     gradient_checkpointing: bool = False
     kernels: str = "none"  # "liger" or "none"
-    attention: str = "sdpa"  # or "flex_attention"
     speed_reason: str = ""
 
 
@@ -117,9 +116,6 @@ def choose_speed(mode: Mode, spec: TrainSpec, model_dir: Path, free_bytes: int |
     auto_checkpointing_memory_share of the GPU memory left after the weights (4-bit ones for QLoRA).
     """
     kernels, kernel_reason = choose_kernels(spec.kernels, torch.device(mode.device).type)
-    if spec.attention == "flex_attention" and torch.device(mode.device).type != "cuda":
-        raise ValueError("train.attention: flex_attention trains on a GPU only (PyTorch's FlexAttention has no backward "
-                         "on a CPU); set train.attention: sdpa")
     if spec.gradient_checkpointing != "auto":
         checkpointing, why = spec.gradient_checkpointing, f"train.gradient_checkpointing: {spec.gradient_checkpointing}"
     elif free_bytes is None:
@@ -133,7 +129,7 @@ def choose_speed(mode: Mode, spec: TrainSpec, model_dir: Path, free_bytes: int |
                f"{'above' if checkpointing else 'within'} {spec.auto_checkpointing_memory_share:.0%} of "
                f"{max(0, free_bytes - weights) / 1e9:.1f} GB free after the weights: "
                f"{'checkpointing' if checkpointing else 'no checkpointing'}")
-    mode.gradient_checkpointing, mode.kernels, mode.attention = checkpointing, kernels, spec.attention
+    mode.gradient_checkpointing, mode.kernels = checkpointing, kernels
     mode.speed_reason = f"kernels: {kernel_reason}; gradient checkpointing: {why}"
     return mode
 
@@ -163,8 +159,6 @@ def build_model(params: Params, mode: Mode, model_dir: Path | None = None):
     model = load_causal_lm(model_dir or base_model_dir(), dtype=mode.dtype, device=mode.device, load_in_4bit=mode.name == "qlora",
                            trust_remote_code=params.model.trust_remote_code)
     model.config.use_cache = False
-    if mode.attention != "sdpa":
-        model.set_attn_implementation(mode.attention)
     if mode.kernels == "liger":  # before peft wraps the layers: Liger patches the modules themselves
         mode.speed_reason += f" ({apply_liger_kernels(model)})"
     # Non-reentrant checkpointing: the reentrant kind breaks DDP's gradient hooks and needs input grads.
@@ -227,7 +221,7 @@ class CheckpointWriter:
                 (tmp / "progress.json").write_text(progress)
                 shutil.rmtree(folder, ignore_errors=True)
                 tmp.rename(folder)
-            except BaseException as error:  # re-raised in the training loop by wait()
+            except BaseException as error:  # noqa: BLE001 (re-raised in the training loop by wait())
                 self._error = error
 
         self._thread = threading.Thread(target=write, name="checkpoint-writer")
@@ -301,8 +295,7 @@ def train_task(task: str, params: Params | None = None) -> dict:
     # uses), so a resumed run, restoring that RNG from its checkpoint, continues exactly.
     # On a GPU, pinned host batches copy to the device without blocking the host (non_blocking above).
     loader = torch.utils.data.DataLoader(rows, batch_size=spec.batch_size * spec.grad_accum, shuffle=True,
-                                         pin_memory=torch.cuda.is_available(), num_workers=spec.loader_workers,
-                                         persistent_workers=spec.loader_workers > 0,
+                                         pin_memory=torch.cuda.is_available(),
                                          generator=torch.Generator().manual_seed(spec.seed),
                                          collate_fn=StepCollator(spec.batch_size, tokenizer.pad_token_id, spec.packing,
                                                                 spec.pad_to_multiple_of))
@@ -451,7 +444,7 @@ def train_task(task: str, params: Params | None = None) -> dict:
 
     metrics = {
         "task": task, "mode": mode.name, "mode_reason": mode.reason, "device": str(accelerator.device),
-        "kernels": mode.kernels, "attention": mode.attention, "gradient_checkpointing": mode.gradient_checkpointing, "speed_reason": mode.speed_reason,
+        "kernels": mode.kernels, "gradient_checkpointing": mode.gradient_checkpointing, "speed_reason": mode.speed_reason,
         "dtype": str(mode.dtype).replace("torch.", ""),
         "processes": accelerator.num_processes, "steps": state["step"], "planned_steps": total_steps,
         "steps_per_epoch": steps_per_epoch, "stop_reason": stop_reason, "resumed_from_step": resumed_from,
