@@ -154,24 +154,19 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
 
 
 def stage_batches(task: str, params, steps: int) -> list[dict]:
-    """The first `steps` micro-batches the training stage draws (the stage's own rendering, packing and collation)."""
+    """The first `steps` micro-batches the training stage draws (its own rendering, packing and collation)."""
     import torch
 
-    from tuneforge.core.batching import StepCollator, TrainRows, render_records
+    from tuneforge.core.batching import render_records, step_loader
     from tuneforge.core.modeling import load_tokenizer
     from tuneforge.core.paths import base_model_dir, processed_dir
     from tuneforge.core.records import read_jsonl
 
     spec = params.train
     tokenizer = load_tokenizer(base_model_dir())
-    rows = TrainRows(render_records(tokenizer, read_jsonl(processed_dir(task) / "train.jsonl"), spec.max_seq_len), spec,
-                     seed=spec.seed)
-    loader = torch.utils.data.DataLoader(rows, batch_size=spec.batch_size * spec.grad_accum, shuffle=True,
-                                         generator=torch.Generator().manual_seed(spec.seed),
-                                         collate_fn=StepCollator(spec.batch_size, tokenizer.pad_token_id, spec.packing,
-                                                                spec.pad_to_multiple_of))
+    examples = render_records(tokenizer, read_jsonl(processed_dir(task) / "train.jsonl"), spec.max_seq_len)
     out = []
-    for item in loader:
+    for item in step_loader(examples, spec, tokenizer.pad_token_id):
         for batch in item["micro_batches"]:  # the step's real tokens, shared out (exact with one micro-batch a step)
             batch["tokens"] = torch.tensor(item["tokens"] // len(item["micro_batches"]))
         out.extend(item["micro_batches"])

@@ -121,6 +121,19 @@ class StepCollator:
                 "trained_tokens": sum(ex.trained_tokens for row in rows for ex in row)}
 
 
+def step_loader(examples: list[Rendered], spec: TrainSpec, pad_id: int) -> torch.utils.data.DataLoader:
+    """The training steps: rows packed once (TrainRows), shuffled every epoch by a seeded sampler, one item a step.
+
+    The loader has its own generator: starting an epoch's iterator then draws nothing from the global RNG (which
+    dropout uses), so a resumed run, restoring that RNG from its checkpoint, continues exactly. On a GPU, pinned
+    host batches copy to the device without blocking the host.
+    """
+    return torch.utils.data.DataLoader(TrainRows(examples, spec, seed=spec.seed), batch_size=spec.batch_size * spec.grad_accum,
+                                       shuffle=True, pin_memory=torch.cuda.is_available(),
+                                       generator=torch.Generator().manual_seed(spec.seed),
+                                       collate_fn=StepCollator(spec.batch_size, pad_id, spec.packing, spec.pad_to_multiple_of))
+
+
 def eval_batches(examples: list[Rendered], spec: TrainSpec, pad_id: int) -> list[dict[str, torch.Tensor]]:
     """Validation batches, built once, in file order."""
     rows = pack(examples, spec.max_seq_len) if spec.packing else [[ex] for ex in examples]

@@ -29,12 +29,11 @@ from tqdm import tqdm
 
 from tuneforge.core.batching import (
     AnswerLoss,
-    StepCollator,
-    TrainRows,
     causal_lm,
     eval_batches,
     evaluate_loss,
     render_records,
+    step_loader,
 )
 from tuneforge.core.modeling import (
     apply_liger_kernels,
@@ -290,15 +289,8 @@ def train_task(task: str, params: Params | None = None) -> dict:
     validation = eval_batches(eval_examples, spec, tokenizer.pad_token_id)
 
     # Rows are packed once; one DataLoader item is one optimizer step on one process (grad_accum micro-batches).
-    rows = TrainRows(train_examples, spec, seed=spec.seed)
-    # Its own generator: starting an epoch's iterator then draws nothing from the global RNG (which dropout
-    # uses), so a resumed run, restoring that RNG from its checkpoint, continues exactly.
-    # On a GPU, pinned host batches copy to the device without blocking the host (non_blocking above).
-    loader = torch.utils.data.DataLoader(rows, batch_size=spec.batch_size * spec.grad_accum, shuffle=True,
-                                         pin_memory=torch.cuda.is_available(),
-                                         generator=torch.Generator().manual_seed(spec.seed),
-                                         collate_fn=StepCollator(spec.batch_size, tokenizer.pad_token_id, spec.packing,
-                                                                spec.pad_to_multiple_of))
+    loader = step_loader(train_examples, spec, tokenizer.pad_token_id)
+    train_rows = len(loader.dataset)
 
     model = build_model(params, mode)
     # Fused AdamW on a GPU (one kernel for all LoRA tensors); the CPU keeps torch's default implementation.
@@ -448,7 +440,7 @@ def train_task(task: str, params: Params | None = None) -> dict:
         "dtype": str(mode.dtype).replace("torch.", ""),
         "processes": accelerator.num_processes, "steps": state["step"], "planned_steps": total_steps,
         "steps_per_epoch": steps_per_epoch, "stop_reason": stop_reason, "resumed_from_step": resumed_from,
-        "train_examples": len(train_examples), "train_rows": len(rows), "tokens_seen": state["tokens_seen"],
+        "train_examples": len(train_examples), "train_rows": train_rows, "tokens_seen": state["tokens_seen"],
         "tokens_per_second": (state["tokens_seen"] - tokens_at_start) / max(elapsed, 1e-9),
         # the same without validation and checkpoint time: the training steps alone
         "step_tokens_per_second": (state["tokens_seen"] - tokens_at_start) / max(elapsed - eval_seconds - checkpoint_seconds, 1e-9),
