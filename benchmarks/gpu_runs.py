@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import re
@@ -118,6 +119,7 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
     spec = params.train
     # the stage's own choices of kernels and checkpointing for these shapes
     mode = choose_speed(Mode("lora", "cuda", compute_dtype("cuda")), spec, base_dir, free_gpu_bytes(torch.device("cuda")))
+    torch.cuda.reset_peak_memory_stats()
     model = build_model(params, mode, base_dir)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
@@ -149,12 +151,14 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
               "stage_batches": bool(batches), "kernels": mode.kernels, "gradient_checkpointing": mode.gradient_checkpointing,
               "batch": spec.batch_size, "seq": spec.max_seq_len, "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
     del model, optimizer
+    gc.collect()  # Liger binds its forwards to the modules (reference cycles): freed only by the collector
     torch.cuda.empty_cache()
     return result
 
 
 def stage_batches(task: str, params, steps: int) -> list[dict]:
-    """The first `steps` micro-batches the training stage draws (its own rendering, packing and collation)."""
+    """`steps` micro-batches built as the training stage builds them (its rendering, packing and collation; the stage's
+    sampler, under accelerate, draws the rows in another order)."""
     import torch
 
     from tuneforge.core.batching import render_records, step_loader
@@ -254,7 +258,7 @@ def task_run(args) -> dict:
     trace_dir = Path(args.trace_dir) if args.trace_dir else None
     timing = timed_steps(trace_dir, "stage") if args.step_times else contextlib.nullcontext([])
     # The model step before the stage as well as after it: single figures moved by up to 25% between runs.
-    before = model_step(base_model_dir(), params, steps=args.model_steps) if args.variants else None
+    before = model_step(base_model_dir(), params, steps=args.model_steps) if args.variants and args.no_evaluate else None
     with timing as times:
         train = train_task(args.task, params)
     if args.no_evaluate:

@@ -182,8 +182,7 @@ class AnswerLoss(torch.nn.Module):
     """The (PEFT) model behind a forward that returns the summed answer-token loss.
 
     accelerate wraps this module (DDP, FSDP), so every training forward runs through the wrapper's own
-    forward, which DDP needs to set up its gradient all-reduce; inside, loss_sum still runs the LM head
-    only on positions that carry loss.
+    forward, which DDP needs to set up its gradient all-reduce; inside, answer_loss computes the loss.
     """
 
     def __init__(self, model):

@@ -106,6 +106,6 @@ def apply_liger_kernels(model) -> str:
         reduction="sum", softcap=getattr(model.config, "final_logit_softcapping", None))
     if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return f"fused linear cross-entropy only (liger-kernel has no layer kernels for {model.config.model_type})"
-    # The loss is fused in answer_loss (which runs the head only on trained positions), not in the model's forward.
+    # The loss is fused in batching.answer_loss (every position, untrained ones ignored), not in the model's forward.
     _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
     return "RMSNorm, SwiGLU, RoPE and fused linear cross-entropy"

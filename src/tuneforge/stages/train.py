@@ -186,7 +186,8 @@ def fingerprint(params: Params, task: str, train_file: Path) -> str:
 
 
 class CheckpointWriter:
-    """Checkpoints written by a background thread: the step loop waits only while the state is copied to host memory.
+    """Checkpoints written by a background thread: the step loop waits while the state is copied to host memory (and
+    for the previous checkpoint, should it still be writing).
 
     A checkpoint (the best adapter, trainable weights, optimizer state and RNG states) goes to a temporary
     folder that is then renamed: a kill mid-write leaves the previous checkpoint intact. The best adapter goes
