@@ -38,12 +38,12 @@ def scratch_project(work: Path, tasks: list[str], train: dict, profile: str | No
     (work / "dvc.yaml").write_text("stages: {}\n")
     shutil.copy(REPO / "params.yaml", work / "params.yaml")
     shutil.copytree(REPO / "profiles", work / "profiles", dirs_exist_ok=True)
-    from tuneforge.core.params import apply_profile, load_params
+    from tuneforge.core.params import apply_profile, load_params, only_tasks
 
     if profile:
         print("\n".join(apply_profile(profile)))
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["tasks"] = {t: params["tasks"][t] for t in tasks}
+    only_tasks(params, tasks)
     params["train"].update(train)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     from tuneforge.core.paths import processed_dir, production_dir, quarantine_file
@@ -111,7 +111,7 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
     """
     import torch
 
-    from tuneforge.core.batching import answer_loss
+    from tuneforge.core.batching import answer_loss, to_device
     from tuneforge.core.chat import IGNORE
     from tuneforge.core.modeling import compute_dtype, free_gpu_bytes
     from tuneforge.stages.train import Mode, build_model, choose_speed
@@ -134,7 +134,7 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
             host = batches[i % len(batches)]
             tokens += int(host["tokens"])  # real tokens, padding left out (answer_loss does not pass "tokens" on)
             trained = int((host["labels"][:, 1:] != IGNORE).sum())
-            batch = {k: v.cuda(non_blocking=True) for k, v in host.items()}
+            batch = to_device(host, "cuda", non_blocking=True)
         else:
             ids = torch.randint(0, model.config.vocab_size, (spec.batch_size, spec.max_seq_len), generator=g)
             tokens, trained = tokens + ids.numel(), ids[:, 1:].numel()
@@ -277,7 +277,8 @@ def task_run(args) -> dict:
             out["model_step_stage_batches"] = model_step(base_model_dir(), params, steps=steps, batches=batches)
             all_trained = [{**b, "labels": b["input_ids"]} for b in batches]  # every position carries loss
             out["model_step_stage_batches_all_trained"] = model_step(base_model_dir(), params, steps=steps, batches=all_trained)
-            causal = [{k: v for k, v in b.items() if k != "position_ids"} for b in batches]  # one causal block a row
+            boundaries = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+            causal = [{k: v for k, v in b.items() if k not in boundaries} for b in batches]  # one causal block a row
             out["model_step_stage_batches_no_position_ids"] = model_step(base_model_dir(), params, steps=steps, batches=causal)
             save(args, out)
             if trace_dir:  # profiled again (the profiler slows the host): where the time goes, not how fast
@@ -348,13 +349,13 @@ def pipeline_run(args) -> dict:
     env = {**os.environ, "TUNEFORGE_ROOT": str(work), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(work / "src"), os.environ.get("PYTHONPATH")]))}
     os.environ["TUNEFORGE_ROOT"] = str(work)
-    from tuneforge.core.params import apply_profile, load_params
+    from tuneforge.core.params import apply_profile, load_params, only_tasks
 
     changes = apply_profile(args.profile) if args.profile else []
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["model"]["base"] = str(Path(args.base).resolve())
     if args.tasks:
-        params["tasks"] = {t: params["tasks"][t] for t in args.tasks}
+        only_tasks(params, args.tasks)
     if args.gates_off:  # random weights score 0 and their quantized files drift: every gate would stop the run
         params["evaluate"].update(min_tuned_score=0.0, max_regression=1.0)
         params["export"].update(max_metric_drop=1.0, min_top1_agreement=0.0)

@@ -14,7 +14,7 @@ pytest.importorskip("llama_cpp", reason="llama_cpp is not importable: scripts/se
 
 from tuneforge.core.chat import IGNORE, end_of_turn, prompt_text, render  # noqa: E402
 from tuneforge.core.modeling import load_tokenizer  # noqa: E402
-from tuneforge.core.params import ModelSpec, load_params  # noqa: E402
+from tuneforge.core.params import ModelSpec, load_params, only_tasks  # noqa: E402
 from tuneforge.core.paths import (  # noqa: E402
     base_gguf_dir,
     base_model_dir,
@@ -75,7 +75,7 @@ def project(root, base, prepared, repo_root, monkeypatch):
     """A project folder whose model.base is `base`, with tiny settings and the prepared data."""
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     params["model"]["base"] = str(base)
-    params["tasks"] = {TASK: {**params["tasks"][TASK], "max_new_tokens": 8, "production_fraction": 0.0}}
+    only_tasks(params, [TASK])["tasks"][TASK].update(max_new_tokens=8, production_fraction=0.0)
     for section, values in SETTINGS.items():
         params[section].update(values)
     root.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import yaml
 
 from tests.conftest import copy_repo
 from tests.test_pipeline import commit, dvc, set_params
-from tuneforge.core.params import Params, ParamsError, SweepSpec, load_params
+from tuneforge.core.params import Params, ParamsError, SweepSpec, load_params, only_tasks
 from tuneforge.sweep import format_value, queue_commands
 
 METRIC = "metrics/address_json/eval.json:tuned_micro_f1"
@@ -87,7 +87,7 @@ def test_two_point_sweep_through_the_dvc_queue(tmp_path):
     params["sweep"]["settings"] = TINY["sweep"]["settings"]  # replace, not merge, the default settings
     # One task and the stages up to evaluation: `dvc exp apply` checks out every output dvc.yaml declares,
     # so each must exist in this copy's cache (a real project has run the whole pipeline once).
-    params["tasks"] = {"sms_spam": params["tasks"]["sms_spam"]}
+    only_tasks(params, ["sms_spam"])
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())
     for name in ("base_gguf", "export", "drift", "index"):

@@ -84,6 +84,44 @@ def test_packed_and_padded_batches_give_the_same_loss(tiny_root, tokenizer):
     assert fused_n == wide_n and abs(float(fused_sum.detach()) - float(wide_sum)) / wide_n < 1e-4
 
 
+def test_packed_batches_carry_their_examples_boundaries_and_the_cpu_keeps_sdpa(tiny_root, tokenizer):
+    """collate_packed gives the keys transformers' Flash path reads: where each example (and a row's padding)
+    starts in the flattened batch, and the longest, as a host int; modeling.varlen_attention uses them on a GPU.
+    On a CPU the stage keeps SDPA with its block-diagonal mask and says why; forcing varlen there is an error."""
+    from tuneforge.core.records import read_jsonl
+
+    params = load_params(tiny_root / "params.yaml")
+    examples = render_records(tokenizer, read_jsonl(tiny_root / "data/processed/address_json/train.jsonl")[:6], 512)
+    wide = collate_packed(pack(examples, 512), tokenizer.pad_token_id, multiple=64)
+    positions = wide["position_ids"].flatten().tolist()
+    starts = wide["cu_seq_lens_q"].tolist()
+    assert starts == [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    assert wide["cu_seq_lens_k"] is wide["cu_seq_lens_q"] and wide["cu_seq_lens_q"].dtype == torch.int32
+    assert wide["max_length_q"] == wide["max_length_k"] == max(b - a for a, b in zip(starts, starts[1:], strict=False))
+    mode = Mode("lora", "cpu", torch.float32)
+    build_model(params, mode)
+    assert mode.attention == "sdpa" and "attention: auto: SDPA (no GPU)" in mode.speed_reason
+    with pytest.raises(ValueError, match="train.attention: varlen, but no GPU"):
+        build_model(params, Mode("lora", "cpu", torch.float32), spec=params.train.model_copy(update={"attention": "varlen"}))
+
+
+def test_a_tasks_own_settings_override_the_train_section(tmp_path, repo_root):
+    """train.task_overrides: a task trains with its own learning rate (the shipped recipe's sms_spam), the others
+    with the section's; a task that does not exist is named as an error, and sweeps can set an override."""
+    from tuneforge.core.params import ParamsError
+
+    params = load_params(repo_root / "params.yaml")
+    assert params.train_for("sms_spam").learning_rate == 4.0e-3
+    assert params.train_for("address_json") is params.train
+    assert params.train_for("sms_spam").max_steps == params.train.max_steps  # only what the override sets
+    swept = params.with_settings({"train.task_overrides.address_json.learning_rate": 1e-3})
+    assert swept.train_for("address_json").learning_rate == 1e-3 and swept.train_for("sms_spam").learning_rate == 4.0e-3
+    text = (repo_root / "params.yaml").read_text().replace("task_overrides: {sms_spam:", "task_overrides: {spam:")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=r"train.task_overrides names \['spam'\], which are not tasks"):
+        load_params(tmp_path / "params.yaml")
+
+
 def test_a_killed_run_resumes_to_the_same_adapter(tiny_root):
     env = {**os.environ, "TUNEFORGE_ROOT": str(tiny_root), "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "tuneforge.stages.train", "--task", "address_json"]

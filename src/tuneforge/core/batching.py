@@ -53,11 +53,13 @@ def padded_width(width: int, multiple: int) -> int:
 def collate_packed(rows: list[list[Rendered]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """Examples side by side in one row; position_ids restart at 0 for each.
 
-    With no attention_mask, transformers reads the restarts as example boundaries and
-    builds a block-diagonal causal mask, so no token attends across examples.
+    With no attention_mask, transformers' SDPA path reads the restarts as example boundaries and builds a
+    block-diagonal causal mask, so no token attends across examples. The same boundaries also come as the
+    keys transformers' Flash path reads (`cu_seq_lens_q/k`: where each example starts in the flattened batch;
+    `max_length_q/k`: the longest, a host int), for modeling.varlen_attention; SDPA ignores them.
     """
     width = padded_width(max(sum(len(ex.input_ids) for ex in row) for row in rows), multiple)
-    ids, labels, positions = [], [], []
+    ids, labels, positions, lengths = [], [], [], []
     for row in rows:
         r_ids = [t for ex in row for t in ex.input_ids]
         r_labels = [t for ex in row for t in ex.labels]
@@ -66,8 +68,16 @@ def collate_packed(rows: list[list[Rendered]], pad_id: int, multiple: int = 1) -
         ids.append(r_ids + [pad_id] * pad)
         labels.append(r_labels + [IGNORE] * pad)
         positions.append(r_pos + list(range(pad)))  # padding forms its own (untrained) block
+        lengths += [len(ex.input_ids) for ex in row] + ([pad] if pad else [])
+    starts = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions),
+            "cu_seq_lens_q": starts, "cu_seq_lens_k": starts, "max_length_q": max(lengths), "max_length_k": max(lengths),
             "tokens": torch.tensor(sum(len(ex.input_ids) for row in rows for ex in row))}
+
+
+def to_device(batch: dict, device, non_blocking: bool = False) -> dict:
+    """The batch's tensors on the device; host ints (the boundaries' max_length) stay ints."""
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def collate_padded(examples: list[Rendered], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
@@ -198,7 +208,7 @@ def evaluate_loss(model, batches: list[dict[str, torch.Tensor]], device: str) ->
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        s, n = loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+        s, n = loss_sum(model, to_device(batch, device))
         total, count = total + float(s), count + n
     model.train()
     return total / max(1, count)

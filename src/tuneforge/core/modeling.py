@@ -109,3 +109,86 @@ def apply_liger_kernels(model) -> str:
     # The loss is fused in batching.answer_loss (every position, untrained ones ignored), not in the model's forward.
     _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
     return "RMSNorm, SwiGLU, RoPE and fused linear cross-entropy"
+
+
+VARLEN_ATTENTION = "tuneforge_varlen"  # the name it is registered under in transformers' AttentionInterface
+
+
+def varlen_attention_unsupported(config, device: torch.device) -> str | None:
+    """Why PyTorch's variable-length (Flash) attention cannot replace this model's, or None when it can.
+
+    It computes plain causal attention within each packed example: models whose attention adds anything else
+    (sliding windows, logit soft-capping) keep transformers' own path with its block-diagonal mask.
+    """
+    if device.type != "cuda":
+        return "no GPU"
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401 (PyTorch >= 2.10)
+    except ImportError:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "Flash attention needs a GPU of compute capability 8.0 or later"
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+            return f"{cfg.model_type} uses sliding-window attention"
+        if getattr(cfg, "attn_logit_softcapping", None):
+            return f"{cfg.model_type} soft-caps attention logits"
+        if getattr(cfg, "attention_dropout", 0.0):
+            return f"{cfg.model_type} drops attention weights out (attention_dropout)"
+    return None
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, cu_seq_lens_q=None,
+                     max_length_q=None, **kwargs):
+    """transformers attention over packed rows with PyTorch's variable-length Flash attention.
+
+    The collator gives each micro-batch its examples' boundaries (`cu_seq_lens_q`, `max_length_q`: the keys
+    transformers' own Flash path reads), computed on the host: the rows are flattened into one sequence of
+    examples and each attends causally within itself. transformers' SDPA path instead finds the boundaries
+    from position_ids on the GPU (a host sync every forward) and builds a block-diagonal mask, which sends
+    SDPA to a kernel that computes the masked-out blocks too. Rows without boundaries (unpacked ones) are
+    one causal sequence each, as under SDPA with no mask.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True)
+    batch, heads, length, dim = query.shape  # transformers' layout: (batch, heads, tokens, head dim)
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
+    if k.shape[1] != heads and "enable_gqa" not in _VARLEN_PARAMS:
+        k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    gqa = {"enable_gqa": True} if "enable_gqa" in _VARLEN_PARAMS and k.shape[1] != heads else {}
+    causal = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
+    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling, **causal, **gqa)
+    return out.reshape(batch, length, heads, dim), None
+
+
+def _varlen_params() -> frozenset[str]:
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+_VARLEN_PARAMS = _varlen_params()  # its keywords moved between PyTorch releases (is_causal, then window_size)
+
+
+def use_varlen_attention(model) -> bool:
+    """Switch a loaded transformers model to varlen_attention (registered under VARLEN_ATTENTION); False when
+    the model cannot change its attention (it then keeps its own, with the block-diagonal mask).
+
+    transformers builds no attention mask for a registered name it has no mask function for: the boundaries
+    come with the batch instead.
+    """
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+    model.set_attn_implementation(VARLEN_ATTENTION)
+    return model.config._attn_implementation == VARLEN_ATTENTION
+

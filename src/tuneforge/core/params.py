@@ -126,6 +126,18 @@ class LoraSpec(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class TrainOverrides(Strict):
+    """One task's own optimisation settings over the train section's (unset: the section's)."""
+
+    learning_rate: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=0)
+    epochs: float | None = Field(None, gt=0)
+    warmup_fraction: float | None = Field(None, ge=0, lt=1)
+    weight_decay: float | None = Field(None, ge=0)
+    lora: LoraSpec | None = None
+    early_stopping_patience: int | None = Field(None, ge=1)
+
+
 class TrainSpec(Strict):
     mode: Literal["auto", "qlora", "lora"] = Field(
         "auto", description="auto: on a GPU, LoRA in bf16 when the base fits comfortably (auto_lora_max_memory_share), "
@@ -157,6 +169,11 @@ class TrainSpec(Strict):
         "auto", description="auto: Liger's fused kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on a GPU "
         "when liger-kernel is installed (pip install 'tuneforge[gpu]'), else PyTorch's; none on a CPU. The choice and "
         "its reason go into train.json")
+    attention: Literal["auto", "sdpa", "varlen"] = Field(
+        "auto", description="auto: on a CUDA GPU, packed rows go through PyTorch's variable-length Flash attention "
+        "(torch.nn.attention.varlen: each example attends within itself, no mask built) where the model's attention "
+        "is plain causal; else transformers' SDPA with a block-diagonal mask (the CPU's path). The choice and its "
+        "reason go into train.json")
     eval_every: int = Field(10, ge=1)
     eval_rows: int = Field(64, ge=1)
     early_stopping_patience: int = Field(3, ge=1)
@@ -166,6 +183,9 @@ class TrainSpec(Strict):
     accelerate_config: str = Field(
         "", description="optional `accelerate config` file passed to `accelerate launch --config_file` (FSDP, several "
         "machines); relative to the repository root")
+    task_overrides: dict[str, TrainOverrides] = Field(
+        default_factory=dict, description="per task, settings that replace the ones above for that task's training, "
+        "e.g. {sms_spam: {learning_rate: 4.0e-3}}: tasks differ in what recipe suits them")
 
 
 class EvaluateSpec(Strict):
@@ -260,16 +280,32 @@ class Params(Strict):
     drift: DriftSpec = DriftSpec()
     sweep: SweepSpec | None = None
 
+    def train_for(self, task: str) -> TrainSpec:
+        """The train section with the task's own overrides (train.task_overrides) applied."""
+        override = self.train.task_overrides.get(task)
+        if override is None:
+            return self.train
+        return TrainSpec.model_validate({**self.train.model_dump(), **override.model_dump(exclude_none=True)})
+
+    @model_validator(mode="after")
+    def _overrides_name_tasks(self) -> Params:
+        unknown = sorted(set(self.train.task_overrides) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"train.task_overrides names {unknown}, which are not tasks (known: {sorted(self.tasks)})")
+        return self
+
     def with_settings(self, settings: dict[str, Any]) -> Params:
         """A validated copy with dotted settings replaced, e.g. {"train.lora.r": 32}: what `dvc exp run -S` does."""
         raw = self.model_dump()
         for key, value in settings.items():
             *parents, leaf = setting_path(key)
-            node = raw
+            node, above = raw, None
             for part in parents:
-                if part not in node:
+                if part not in node and above == "task_overrides":  # a task's first override (the validator checks it)
+                    node[part] = {}
+                elif part not in node:
                     raise ParamsError(f"setting {key!r}: there is no task {part!r} under tasks (known: {sorted(node)})")
-                node = node[part]
+                node, above = node[part], part
             node[leaf] = value
         try:
             return Params.model_validate(raw)
@@ -313,11 +349,11 @@ def setting_path(key: str) -> list[str]:
             raise ValueError(f"setting {key!r}: {parts[i]!r} is not a setting here (known: {known})")
         annotation = fields[parts[i]].annotation
         i += 1
-        if model is Params and parts[i - 1] == "tasks":
+        if (model, parts[i - 1]) in ((Params, "tasks"), (TrainSpec, "task_overrides")):
             if i >= len(parts):
-                raise ValueError(f"setting {key!r}: name a task and its setting, e.g. tasks.<task>.system_prompt")
+                raise ValueError(f"setting {key!r}: name a task and its setting, e.g. {key}.<task>.<setting>")
             i += 1  # the task's name
-            annotation = TaskSpec
+            annotation = TaskSpec if model is Params else TrainOverrides
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
         if model is None and i < len(parts):
             raise ValueError(f"setting {key!r}: {'.'.join(parts[:i])} has no sub-settings")
@@ -380,6 +416,17 @@ def load_params_text(text: str, path: Path) -> Params:
             where = ".".join(str(p) for p in e["loc"])
             lines.append(f"  {where}: {e['msg']}")
         raise ParamsError("\n".join(lines)) from None
+
+
+def only_tasks(raw: dict, names) -> dict:
+    """A params.yaml mapping (as loaded by yaml) narrowed to the named tasks, their train.task_overrides with them:
+    an override of a task that is gone would be an error."""
+    names = list(names)
+    raw["tasks"] = {name: raw["tasks"][name] for name in names}
+    overrides = raw.get("train", {}).get("task_overrides")
+    if overrides:
+        raw["train"]["task_overrides"] = {name: v for name, v in overrides.items() if name in names}
+    return raw
 
 
 def profiles_dir() -> Path:

@@ -189,6 +189,11 @@ class TaskReport:
     previous: dict[str, dict]
     head: str | None
 
+    @property
+    def recipe(self):
+        """The train settings this task trained with (the train section and its task_overrides)."""
+        return self.params.train_for(self.name)
+
     def committed(self, stage: str, key: str):
         """A number as committed at HEAD (None when it was not)."""
         return self.previous.get(stage, {}).get(key)

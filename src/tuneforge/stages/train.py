@@ -43,6 +43,8 @@ from tuneforge.core.modeling import (
     free_gpu_bytes,
     load_causal_lm,
     load_tokenizer,
+    use_varlen_attention,
+    varlen_attention_unsupported,
 )
 from tuneforge.core.params import Params, TrainSpec, load_params
 from tuneforge.core.paths import (
@@ -65,6 +67,7 @@ class Mode:
     reason: str = ""
     gradient_checkpointing: bool = False
     kernels: str = "none"  # "liger" or "none"
+    attention: str = "sdpa"  # "varlen" (modeling.varlen_attention) or transformers' "sdpa"
     speed_reason: str = ""
 
 
@@ -150,16 +153,34 @@ def lr_at(step: int, total: int, spec: TrainSpec) -> float:
 # ---------------------------------------------------------------- model
 
 
-def build_model(params: Params, mode: Mode, model_dir: Path | None = None):
-    """The base (4-bit for QLoRA) with LoRA adapters on `train.lora.target_modules`."""
+def choose_attention(model, spec: TrainSpec, mode: Mode) -> None:
+    """PyTorch's variable-length Flash attention over packed rows where it computes the same thing (auto, varlen),
+    else transformers' SDPA with its block-diagonal mask; the choice and why go into mode (train.json)."""
+    if spec.attention == "sdpa":
+        mode.attention, why = "sdpa", "train.attention: sdpa"
+    else:
+        why_not = "train.packing is off" if not spec.packing else varlen_attention_unsupported(model.config, model.device)
+        if why_not is None and not use_varlen_attention(model):
+            why_not = f"{type(model).__name__} cannot change its attention implementation"
+        if why_not is not None and spec.attention == "varlen":
+            raise ValueError(f"train.attention: varlen, but {why_not}; use auto or sdpa")
+        mode.attention = "sdpa" if why_not else "varlen"
+        why = f"{spec.attention}: " + (f"SDPA ({why_not})" if why_not else "PyTorch's varlen Flash attention over packed rows")
+    mode.speed_reason += f"; attention: {why}"
+
+
+def build_model(params: Params, mode: Mode, model_dir: Path | None = None, spec: TrainSpec | None = None):
+    """The base (4-bit for QLoRA) with LoRA adapters on `train.lora.target_modules` (spec: a task's own train
+    settings, Params.train_for; default the train section)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    spec = params.train
+    spec = spec or params.train
     model = load_causal_lm(model_dir or base_model_dir(), dtype=mode.dtype, device=mode.device, load_in_4bit=mode.name == "qlora",
                            trust_remote_code=params.model.trust_remote_code)
     model.config.use_cache = False
     if mode.kernels == "liger":  # before peft wraps the layers: Liger patches the modules themselves
         mode.speed_reason += f" ({apply_liger_kernels(model)})"
+    choose_attention(model, spec, mode)
     # Non-reentrant checkpointing: the reentrant kind breaks DDP's gradient hooks and needs input grads.
     checkpointing = {"use_reentrant": False}
     if mode.name == "qlora":
@@ -265,7 +286,7 @@ def train_task(task: str, params: Params | None = None) -> dict:
     from accelerate import Accelerator, DataLoaderConfiguration
 
     params = params or load_params()
-    spec = params.train
+    spec = params.train_for(task)
     # The seedable sampler reshuffles rows with seed + epoch on every process alike; even_batches completes
     # an epoch's last step on every process (with the epoch's first rows) when steps do not divide evenly,
     # so no process is left without a batch while the others wait in an all-reduce.
@@ -293,7 +314,7 @@ def train_task(task: str, params: Params | None = None) -> dict:
     loader = step_loader(train_examples, spec, tokenizer.pad_token_id)
     train_rows = len(loader.dataset)
 
-    model = build_model(params, mode)
+    model = build_model(params, mode, spec=spec)
     # Fused AdamW on a GPU (one kernel for all LoRA tensors); the CPU keeps torch's default implementation.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate,
                                   weight_decay=spec.weight_decay, fused=True if accelerator.device.type == "cuda" else None)
@@ -437,7 +458,8 @@ def train_task(task: str, params: Params | None = None) -> dict:
 
     metrics = {
         "task": task, "mode": mode.name, "mode_reason": mode.reason, "device": str(accelerator.device),
-        "kernels": mode.kernels, "gradient_checkpointing": mode.gradient_checkpointing, "speed_reason": mode.speed_reason,
+        "kernels": mode.kernels, "gradient_checkpointing": mode.gradient_checkpointing, "attention": mode.attention,
+        "speed_reason": mode.speed_reason,
         "dtype": str(mode.dtype).replace("torch.", ""),
         "processes": accelerator.num_processes, "steps": state["step"], "planned_steps": total_steps,
         "steps_per_epoch": steps_per_epoch, "stop_reason": stop_reason, "resumed_from_step": resumed_from,
