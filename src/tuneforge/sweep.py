@@ -156,22 +156,23 @@ def flat_metrics(data: dict) -> dict[str, Any]:
 
 
 def sweep_rows(root: Path, spec: SweepSpec, status: dict[str, str]) -> dict[str, Run]:
-    """This sweep's experiments (named <name>-<i>) on the current commit, from `dvc exp show --json`."""
+    """This sweep's experiments (named <name>-<i>, one a point) on the current commit, from `dvc exp show --json`;
+    a larger earlier sweep's <name>-<i> beyond this one's points are not this sweep's."""
     shown = json.loads(dvc("exp", "show", "--json", "--no-pager", root=root).stdout or "[]")
-    pattern = re.compile(rf"^{re.escape(spec.name)}-\d+$")
+    names = set(experiment_names(spec))
     runs: dict[str, Run] = {}
     for baseline in shown:
         for group in baseline.get("experiments") or []:
             for rev in group.get("revs") or []:
                 name = rev.get("name") or ""
-                if not pattern.match(name):
+                if name not in names:
                     continue
                 data = rev.get("data") or {}
                 params_tree = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
                 runs[name] = Run(name, rev.get("rev", "")[:7], {k: lookup(params_tree, k) for k in spec.settings},
                                  flat_metrics(data), status.get(name, "Success" if data.get("metrics") else "Failed"))
     for name, state in status.items():  # failed runs leave no experiment ref behind: list them anyway
-        if pattern.match(name) and name not in runs:
+        if name in names and name not in runs:
             runs[name] = Run(name, "", {}, {}, state)
     return dict(sorted(runs.items(), key=lambda kv: int(kv[0].rsplit("-", 1)[1])))
 
