@@ -92,16 +92,17 @@ def test_f16_matches_the_hf_model_next_token_for_token(exported, tokenizer):
 
     tmp, files = exported
     hf = AutoModelForCausalLM.from_pretrained(tmp / "merged", dtype=torch.float32)
-    parity = export.next_token_parity(hf, tokenizer, export.load_llama(files["f16"], logits_all=True, n_threads=2), RECORDS)
+    reference = export.parity_reference(hf, tokenizer, RECORDS)  # computed once, compared with each file
+    parity = export.next_token_parity(reference, export.load_llama(files["f16"], logits_all=True, n_threads=2))
     assert parity["answer_tokens"] > 10
     assert parity["top1_agreement"] >= 0.8 and parity["mean_kl"] < 0.01
-    q4 = export.next_token_parity(hf, tokenizer, export.load_llama(files["Q4_K_M"], logits_all=True, n_threads=2), RECORDS)
+    q4 = export.next_token_parity(reference, export.load_llama(files["Q4_K_M"], logits_all=True, n_threads=2))
     assert q4["mean_kl"] > parity["mean_kl"]  # quantization costs something, and the check can see it
 
 
 def test_parity_refuses_a_model_without_all_logits(exported, tokenizer):
     with pytest.raises(ValueError, match="logits_all=True"):
-        export.next_token_parity(None, tokenizer, export.load_llama(exported[1]["Q4_K_M"], n_threads=2), RECORDS)
+        export.next_token_parity(export.ParityReference([], [], []), export.load_llama(exported[1]["Q4_K_M"], n_threads=2))
 
 
 def test_a_failed_quantization_says_why(exported, tmp_path):

@@ -73,7 +73,8 @@ def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_
 def perplexity(model, tokenizer, records: list[dict], max_seq_len: int, batch_size: int) -> float:
     """exp(mean loss on answer tokens) over the given records."""
     device = str(next(model.parameters()).device)
-    examples = render_records(tokenizer, records, max_seq_len)
+    # Batches of similar length (a batch pads to its longest); the mean is over tokens, so order does not matter.
+    examples = sorted(render_records(tokenizer, records, max_seq_len), key=lambda ex: len(ex.input_ids))
     batches = [collate_padded(examples[i : i + batch_size], tokenizer.pad_token_id)
                for i in range(0, len(examples), batch_size)]
     return math.exp(evaluate_loss(model, batches, device))

@@ -78,30 +78,49 @@ def export_all(merged_dir: Path, gguf_dir: Path, quantizations: list[str], *, im
     return files
 
 
+@dataclass
+class ParityReference:
+    """The HF model's next-token log-probabilities at every answer position of the parity records, teacher-forced
+    on the reference answers: computed once, then compared with each GGUF file (~12 MB an answer at a 49k vocabulary)."""
+
+    sequences: list[list[int]]  # prompt + answer token ids, one a record
+    prompt_lengths: list[int]
+    log_probs: list[torch.Tensor]  # (answer tokens, vocabulary) a record
+
+
 @torch.no_grad()
-def next_token_parity(hf_model, tokenizer, llm, records: list[dict], desc: str = "next-token parity") -> dict:
-    """Teacher-forced on each reference answer: top-1 agreement and mean KL(HF || GGUF) per answer token."""
-    if not llm._logits_all:  # without it Llama.scores holds no per-position logits, only stale memory
-        raise ValueError("next_token_parity needs a model loaded with load_llama(..., logits_all=True)")
-    agree, kls, count = 0, [], 0
+def parity_reference(hf_model, tokenizer, records: list[dict], desc: str = "HF next-token reference") -> ParityReference:
+    reference = ParityReference([], [], [])
     for record in tqdm(records, desc=desc, unit="answer"):
         text = prompt_text(tokenizer, record["messages"])
         prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
         # Tokenized after the prompt, as chat.render does for training.
         answer = tokens_after(tokenizer, text, prompt, record["messages"][-1]["content"] + end_of_turn(tokenizer))
         ids = prompt + answer
-        hf_logits = hf_model(torch.tensor([ids])).logits[0].float()
+        logits = hf_model(torch.tensor([ids])).logits[0].float()
+        # Positions that predict the answer tokens: the last prompt token through the second-to-last answer token.
+        reference.sequences.append(ids)
+        reference.prompt_lengths.append(len(prompt))
+        reference.log_probs.append(torch.log_softmax(logits[len(prompt) - 1 : len(ids) - 1], -1))
+    return reference
+
+
+def next_token_parity(reference: ParityReference, llm, desc: str = "next-token parity") -> dict:
+    """Teacher-forced on each reference answer: top-1 agreement and mean KL(HF || GGUF) per answer token."""
+    if not llm._logits_all:  # without it Llama.scores holds no per-position logits, only stale memory
+        raise ValueError("next_token_parity needs a model loaded with load_llama(..., logits_all=True)")
+    agree, kls, count = 0, [], 0
+    for ids, prompt_length, p_log in tqdm(list(zip(reference.sequences, reference.prompt_lengths, reference.log_probs)),
+                                          desc=desc, unit="answer"):
         llm.reset()
         llm.eval(ids)
         gg_logits = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-        # Positions that predict the answer tokens: the last prompt token through the second-to-last answer token.
-        rows = slice(len(prompt) - 1, len(ids) - 1)
-        p_log = torch.log_softmax(hf_logits[rows], -1)
-        q_log = torch.log_softmax(gg_logits[rows], -1)
+        q_log = torch.log_softmax(gg_logits[prompt_length - 1 : len(ids) - 1], -1)
         kls.append((p_log.exp() * (p_log - q_log)).sum(-1))
         agree += int((p_log.argmax(-1) == q_log.argmax(-1)).sum())
         count += p_log.shape[0]
-    return {"top1_agreement": agree / max(1, count), "mean_kl": float(torch.cat(kls).mean()), "answer_tokens": count}
+    return {"top1_agreement": agree / max(1, count), "mean_kl": float(torch.cat(kls).mean()) if kls else 0.0,
+            "answer_tokens": count}
 
 
 # The HF speed probe: enough tokens for a rate, few enough that fp32 generation on a CPU (~20 tokens/s) costs
@@ -204,9 +223,10 @@ def gate(rows: list[dict], primary: str, spec: ExportSpec) -> tuple[str | None, 
 class _Evaluator:
     """Runs one GGUF model over the test records and the parity records and returns its table row."""
 
-    def __init__(self, hf_model, tokenizer, spec, cfg: ExportSpec, records, reference: list[str], bandwidth: float):
+    def __init__(self, parity: ParityReference, tokenizer, spec, cfg: ExportSpec, records, reference: list[str],
+                 bandwidth: float):
         """reference: the answers every file's metric delta and same-answer rate are taken against."""
-        self.hf_model, self.tokenizer, self.spec, self.cfg = hf_model, tokenizer, spec, cfg
+        self.parity, self.tokenizer, self.spec, self.cfg = parity, tokenizer, spec, cfg
         self.records, self.reference, self.bandwidth = records, reference, bandwidth
         self.primary = spec.primary_metric
 
@@ -218,8 +238,7 @@ class _Evaluator:
                             grammars=grammars_for(self.spec.output, records))  # decoded as evaluated and served
         llm.close()
         llm = make_llm(True)
-        parity = next_token_parity(self.hf_model, self.tokenizer, llm, self.records[: self.cfg.parity_rows],
-                                   desc=f"{model} next-token parity")
+        parity = next_token_parity(self.parity, llm, desc=f"{model} next-token parity")
         llm.close()
         score = score_outputs(self.spec, records, run.outputs)[self.primary]
         hf_score = score_outputs(self.spec, records, hf_outputs)[self.primary]
@@ -276,7 +295,8 @@ def run_export(task: str, params: Params) -> ExportResult:
               "prompt_tok_s": speed["prompt_tokens_per_second"], "gen_tok_s": speed["generation_tokens_per_second"],
               "bandwidth_limit_tok_s": bandwidth * 1e9 / merged_bytes,
               "bandwidth_bound_fraction": speed["generation_tokens_per_second"] * merged_bytes / (bandwidth * 1e9)}]
-    evaluator = _Evaluator(hf_model, tokenizer, spec, cfg, records, hf_outputs, bandwidth)
+    parity = parity_reference(hf_model, tokenizer, records[: cfg.parity_rows])
+    evaluator = _Evaluator(parity, tokenizer, spec, cfg, records, hf_outputs, bandwidth)
     outputs: dict[str, list[str]] = {}
 
     def add(model: str, label: str, path: Path, n_rows: int, make_llm, size_bytes: int | None = None, **extra) -> None:
