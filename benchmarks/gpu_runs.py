@@ -416,6 +416,47 @@ def step_run(args) -> dict:
     return {"base": args.base, "variants": [model_step(Path(args.base), params, packed_every=n) for n in args.packed_every]}
 
 
+def boundaries_run(args) -> dict:
+    """What the packed examples' boundaries cost the model step, one input at a time, on the stage's own batches:
+    position_ids (RoPE restarting per example) and cu_seq_lens (varlen attention within each example), each kept
+    or dropped, with the stage's kernels and without Liger's. Dropping either changes what is computed (examples
+    attend across, or positions run on): these are timings, not trainings."""
+    work = Path(args.work)
+    train = {"batch_size": args.batch} if args.batch else {}
+    scratch_project(work, [args.task], train, profile=args.profile)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["model"]["base"] = str(Path(args.base).resolve())
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if (REPO / "vendor").exists() and not (work / "vendor").exists():  # base_model's converter pre-flight
+        (work / "vendor").symlink_to((REPO / "vendor").resolve())
+    from tuneforge.core.params import load_params
+    from tuneforge.core.paths import base_model_dir
+    from tuneforge.stages.base_model import save_base_model
+
+    params = load_params()
+    save_base_model(params.model, base_model_dir())
+    batches = stage_batches(args.task, params, 16)
+    flash = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    inputs = {"stage_batches": (), "position_ids_only": flash, "cu_seq_lens_only": ("position_ids",),
+              "neither": ("position_ids", *flash)}
+    out = {"task": args.task, "profile": args.profile, "base": args.base, "batch": params.train.batch_size,
+           "seq": params.train.max_seq_len, "steps": args.steps}
+    for kernels in args.kernels:
+        run_params = params.model_copy(update={"train": params.train.model_copy(update={"kernels": kernels})})
+        rows = {"random_full_rows": model_step(base_model_dir(), run_params, steps=args.steps)}
+        for name, drop in inputs.items():
+            variant = [{k: v for k, v in b.items() if k not in drop} for b in batches]
+            rows[name] = model_step(base_model_dir(), run_params, steps=args.steps, batches=variant)
+        out[kernels] = rows
+        save(args, out)
+        if args.trace_dir:
+            for name in ("stage_batches", "neither"):
+                variant = [{k: v for k, v in b.items() if k not in inputs[name]} for b in batches]
+                with timed_steps(Path(args.trace_dir), f"{kernels}_{name}", skip=4):
+                    model_step(base_model_dir(), run_params, batches=variant)
+    return out
+
+
 def save(args, result: dict) -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -456,6 +497,15 @@ def main() -> None:
     st.add_argument("--base", required=True)
     st.add_argument("--profile", default="gpu")
     st.add_argument("--packed-every", type=int, nargs="+", default=[0, 160])
+    bd = sub.add_parser("boundaries", help="what the packed examples' boundaries cost the model step")
+    bd.add_argument("--work", required=True)
+    bd.add_argument("--base", required=True, help="a local Hugging Face folder")
+    bd.add_argument("--task", default="address_json")
+    bd.add_argument("--profile", default="gpu")
+    bd.add_argument("--batch", type=int, default=0, help="micro-batch rows (0: the profile's)")
+    bd.add_argument("--steps", type=int, default=40)
+    bd.add_argument("--kernels", nargs="+", default=["auto", "none"])
+    bd.add_argument("--trace-dir", help="torch.profiler tables of 5 steps with and without the boundaries")
     pl = sub.add_parser("pipeline")
     pl.add_argument("--work", required=True, help="the scratch copy (replaced)")
     pl.add_argument("--base", required=True, help="a local Hugging Face folder as model.base")
@@ -465,10 +515,11 @@ def main() -> None:
     pl.add_argument("--gates-off", action="store_true", help="no quality gate stops the run (for a random-weight base)")
     pl.add_argument("--targets", nargs="*", default=[], help="dvc repro targets (default: the whole pipeline)")
     pl.add_argument("--log", help="dvc repro's output, each line stamped with seconds since the start")
-    for p in (mg, tk, st, pl):
+    for p in (mg, tk, st, bd, pl):
         p.add_argument("--out", help="write the JSON here too")
     args = parser.parse_args()
-    result = {"multi-gpu": multi_gpu, "task": task_run, "step": step_run, "pipeline": pipeline_run}[args.command](args)
+    result = {"multi-gpu": multi_gpu, "task": task_run, "step": step_run, "boundaries": boundaries_run,
+              "pipeline": pipeline_run}[args.command](args)
     print(json.dumps(result, indent=2, default=str))
     save(args, result)
 
