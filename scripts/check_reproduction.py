@@ -23,9 +23,12 @@ from pathlib import Path
 MACHINE_DEPENDENT = re.compile(r"second|latency|tok_s|memory|bandwidth|wall|environment|_ms\b|p95")
 
 
-def run(cmd: str, cwd: Path) -> None:
+def run(cmd: str, cwd: Path) -> float:
+    """Run cmd in cwd; its wall time in minutes."""
     print(f"$ {cmd}", flush=True)
+    started = time.time()
     subprocess.run(["bash", "-c", cmd], cwd=cwd, check=True)
+    return (time.time() - started) / 60
 
 
 def judged_differences(diff: dict, tolerance: float) -> tuple[list[str], list[str]]:
@@ -53,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     clone = args.workdir or Path(tempfile.mkdtemp(prefix="tuneforge-repro-"))
     started = time.time()
     run(f"git clone -q {source} {clone} && git -C {clone} checkout -q {args.rev}", cwd=source)
-    run("bash scripts/setup.sh", cwd=clone)
-    run(". .venv/bin/activate && HF_HUB_OFFLINE=1 dvc repro", cwd=clone)
+    setup_minutes = run("bash scripts/setup.sh", cwd=clone)
+    repro_minutes = run(". .venv/bin/activate && HF_HUB_OFFLINE=1 dvc repro", cwd=clone)
     out = subprocess.run(["bash", "-c", ". .venv/bin/activate && dvc metrics diff --json HEAD"], cwd=clone,
                          check=True, capture_output=True, text=True).stdout
     bad, machine = judged_differences(json.loads(out or "{}"), args.tolerance)
-    print(f"\nfresh clone {clone} at {args.rev}: set-up + dvc repro took {(time.time() - started) / 60:.1f} min")
+    print(f"\nfresh clone {clone} at {args.rev}: set-up + dvc repro took {(time.time() - started) / 60:.1f} min "
+          f"(set-up {setup_minutes:.1f}, dvc repro {repro_minutes:.1f})")
     print(f"{len(machine)} machine-dependent numbers changed (not judged)")
     if bad:
         print(f"{len(bad)} quality metrics differ from the committed ones by more than {args.tolerance}:")

@@ -103,3 +103,13 @@ def test_core_imports_no_stage_and_stages_import_only_the_core():
 def test_index_needs_no_edit_for_a_new_task():
     index = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["index"]
     assert "metrics" in index["deps"] and not any("/" in d and d.startswith("metrics/") for d in index["deps"])
+
+
+def test_bytecode_is_not_a_code_dependency():
+    """Importing tuneforge (a test, a notebook, JupyterLab) writes __pycache__ beside the modules wherever Python
+    writes bytecode; DVC must not hash it into the stages' code deps, or every stage would look changed."""
+    import subprocess
+
+    pyc = "src/tuneforge/core/__pycache__/batching.cpython-311.pyc"
+    result = subprocess.run(["dvc", "check-ignore", pyc], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and pyc in result.stdout, result.stdout + result.stderr
