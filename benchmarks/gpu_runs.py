@@ -6,6 +6,9 @@
     # one task through prepare -> base_model -> train -> evaluate under a profile (the stage functions directly):
     python benchmarks/gpu_runs.py task --work /tmp/aj --task address_json --profile gpu
 
+    # what the packed examples' boundaries (position_ids, cu_seq_lens) cost the model step, on the stage's batches:
+    python benchmarks/gpu_runs.py boundaries --work /tmp/bd --base /tmp/llama1b --batch 8 --trace-dir /tmp/bd-prof
+
     # the whole pipeline through `dvc repro` in a scratch copy of this repository, on a local base folder:
     python benchmarks/gpu_runs.py pipeline --work /tmp/p --base /tmp/llama1b --profile gpu --set export.max_rows=8
 
