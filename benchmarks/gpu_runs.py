@@ -105,7 +105,7 @@ def multi_gpu(args) -> dict:
 
 
 def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_every: int = 0,
-               batches: list[dict] | None = None) -> dict:
+               batches: list[dict] | None = None, compiled: bool = False) -> dict:
     """The model step alone on the stage's shapes and settings: full rows of max_seq_len random tokens, all trained.
 
     packed_every > 0: position_ids restart every that many tokens, as in packed rows, so attention runs with the
@@ -114,7 +114,7 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
     """
     import torch
 
-    from tuneforge.core.batching import answer_loss, to_device
+    from tuneforge.core.batching import answer_loss, causal_lm, to_device
     from tuneforge.core.chat import IGNORE
     from tuneforge.core.modeling import compute_dtype, free_gpu_bytes
     from tuneforge.stages.train import Mode, build_model, choose_speed
@@ -124,6 +124,9 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
     mode = choose_speed(Mode("lora", "cuda", compute_dtype("cuda")), spec, base_dir, free_gpu_bytes(torch.device("cuda")))
     torch.cuda.reset_peak_memory_stats()
     model = build_model(params, mode, base_dir)
+    if compiled:  # torch.compile of each decoder layer (regional: one graph shared by the layers), during warm-up
+        for layer in causal_lm(model).model.layers:
+            layer.compile()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     g = torch.Generator().manual_seed(1)
@@ -151,7 +154,8 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     result = {"tokens_per_second": tokens / seconds, "steps": steps, "packed_every": packed_every,
-              "stage_batches": bool(batches), "kernels": mode.kernels, "gradient_checkpointing": mode.gradient_checkpointing,
+              "stage_batches": bool(batches), "compiled": compiled, "kernels": mode.kernels,
+              "gradient_checkpointing": mode.gradient_checkpointing,
               "batch": spec.batch_size, "seq": spec.max_seq_len, "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
     del model, optimizer
     gc.collect()  # Liger binds its forwards to the modules (reference cycles): freed only by the collector
@@ -446,11 +450,11 @@ def boundaries_run(args) -> dict:
            "seq": params.train.max_seq_len, "steps": args.steps}
     for kernels in args.kernels:
         run_params = params.model_copy(update={"train": params.train.model_copy(update={"kernels": kernels})})
-        rows = {"random_full_rows": model_step(base_model_dir(), run_params, steps=args.steps)}
+        rows = {"random_full_rows": model_step(base_model_dir(), run_params, steps=args.steps, compiled=args.compile)}
         for name, drop in inputs.items():
             variant = [{k: v for k, v in b.items() if k not in drop} for b in batches]
-            rows[name] = model_step(base_model_dir(), run_params, steps=args.steps, batches=variant)
-        out[kernels] = rows
+            rows[name] = model_step(base_model_dir(), run_params, steps=args.steps, batches=variant, compiled=args.compile)
+        out[kernels + ("_compiled" if args.compile else "")] = rows
         save(args, out)
         if args.trace_dir:
             for name in ("stage_batches", "neither"):
@@ -508,6 +512,7 @@ def main() -> None:
     bd.add_argument("--batch", type=int, default=0, help="micro-batch rows (0: the profile's)")
     bd.add_argument("--steps", type=int, default=40)
     bd.add_argument("--kernels", nargs="+", default=["auto", "none"])
+    bd.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (timed after warm-up)")
     bd.add_argument("--trace-dir", help="torch.profiler tables of 5 steps with and without the boundaries")
     pl = sub.add_parser("pipeline")
     pl.add_argument("--work", required=True, help="the scratch copy (replaced)")

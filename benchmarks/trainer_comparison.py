@@ -38,15 +38,17 @@ ARCHS = {**ARCHS, "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden
                                        rope_theta=500000.0, tie_word_embeddings=False)}
 
 # tuneforge variants: (name, Liger kernels, gradient checkpointing: all / half of the layers / none, fused AdamW,
-# micro-batch multiplier)
+# micro-batch multiplier, torch.compile of each decoder layer)
 TUNEFORGE = {
-    "tf_base": ("none", "all", False, 1),            # the stage before this work: checkpointing, torch AdamW
-    "tf_nockpt": ("none", "none", False, 1),
-    "tf_liger_ckpt": ("liger", "all", False, 1),
-    "tf_liger_ckpt_fused": ("liger", "all", True, 1),
-    "tf_liger_half": ("liger", "half", True, 1),
-    "tf_liger_nockpt": ("liger", "none", True, 1),
-    "tf_liger_ckpt_2x": ("liger", "all", True, 2),
+    "tf_base": ("none", "all", False, 1, False),            # the stage before this work: checkpointing, torch AdamW
+    "tf_nockpt": ("none", "none", False, 1, False),
+    "tf_liger_ckpt": ("liger", "all", False, 1, False),
+    "tf_liger_ckpt_fused": ("liger", "all", True, 1, False),
+    "tf_liger_half": ("liger", "half", True, 1, False),
+    "tf_liger_nockpt": ("liger", "none", True, 1, False),
+    "tf_liger_ckpt_2x": ("liger", "all", True, 2, False),
+    "tf_liger_nockpt_compile": ("liger", "none", True, 1, True),
+    "tf_liger_ckpt_compile": ("liger", "all", True, 1, True),
 }
 HF = ["trainer", "trainer_liger", "sft_packed", "sft_packed_liger"]
 
@@ -110,7 +112,7 @@ def run_tuneforge(model_dir: Path, mode: str, variant: str, case: dict, args) ->
     from tuneforge.core.params import Params, TrainSpec
     from tuneforge.stages.train import Mode, build_model
 
-    kernels, checkpointing, fused_adamw, multiplier = TUNEFORGE[variant]
+    kernels, checkpointing, fused_adamw, multiplier, compiled = TUNEFORGE[variant]
     batch = case["batch"] * multiplier
     spec = TrainSpec(mode=mode, lora={"r": args.rank, "alpha": 2 * args.rank, "dropout": 0.0})
     reset()
@@ -120,6 +122,9 @@ def run_tuneforge(model_dir: Path, mode: str, variant: str, case: dict, args) ->
     if checkpointing == "half":  # every other decoder layer keeps its activations
         for i, layer in enumerate(model.get_base_model().model.layers):
             layer.gradient_checkpointing = i % 2 == 0
+    if compiled:  # regional compilation: the layers share one compiled graph (compiled during the warm-up steps)
+        for layer in model.get_base_model().model.layers:
+            layer.compile()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                   fused=True if fused_adamw and DEVICE == "cuda" else None)
