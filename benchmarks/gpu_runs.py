@@ -114,19 +114,23 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
     """
     import torch
 
-    from tuneforge.core.batching import answer_loss, causal_lm, to_device
+    from tuneforge.core.batching import answer_loss, to_device
     from tuneforge.core.chat import IGNORE
     from tuneforge.core.modeling import compute_dtype, free_gpu_bytes
-    from tuneforge.stages.train import Mode, build_model, choose_speed
+    from tuneforge.stages.train import (
+        Mode,
+        build_model,
+        choose_speed,
+        compile_decoder_layers,
+    )
 
     spec = params.train
     # the stage's own choices of kernels and checkpointing for these shapes
     mode = choose_speed(Mode("lora", "cuda", compute_dtype("cuda")), spec, base_dir, free_gpu_bytes(torch.device("cuda")))
     torch.cuda.reset_peak_memory_stats()
     model = build_model(params, mode, base_dir)
-    if compiled:  # torch.compile of each decoder layer (regional: one graph shared by the layers), during warm-up
-        for layer in causal_lm(model).model.layers:
-            layer.compile()
+    if compiled:  # the stage's torch.compile of each decoder layer (one graph shared by the layers), during warm-up
+        compile_decoder_layers(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     g = torch.Generator().manual_seed(1)
@@ -278,6 +282,10 @@ def task_run(args) -> dict:
         save(args, out)
         steps = args.model_steps
         out["model_step"] = model_step(base_model_dir(), params, steps=steps)
+        if train["compiled"]:  # the stage compiled its layers: the model step compiled as well, for a like comparison
+            out["model_step_compiled"] = model_step(base_model_dir(), params, steps=steps, compiled=True)
+            out["stage_over_compiled_model_step"] = train["tokens_per_second"] / out["model_step_compiled"]["tokens_per_second"]
+            out["stage_steady_over_compiled_model_step"] = (train["steady_tokens_per_second"] or 0) / out["model_step_compiled"]["tokens_per_second"]
         if args.step_times or args.variants:  # the same model step on the stage's own batches: what the data's shapes cost
             batches = stage_batches(args.task, params, 16)
             steps = args.variant_steps or steps

@@ -110,7 +110,7 @@ def random_rows(n: int, seq: int, vocab: int) -> torch.Tensor:
 def run_tuneforge(model_dir: Path, mode: str, variant: str, case: dict, args) -> dict:
     from tuneforge.core.batching import loss_sum
     from tuneforge.core.params import Params, TrainSpec
-    from tuneforge.stages.train import Mode, build_model
+    from tuneforge.stages.train import Mode, build_model, compile_decoder_layers
 
     kernels, checkpointing, fused_adamw, multiplier, compiled = TUNEFORGE[variant]
     batch = case["batch"] * multiplier
@@ -122,9 +122,8 @@ def run_tuneforge(model_dir: Path, mode: str, variant: str, case: dict, args) ->
     if checkpointing == "half":  # every other decoder layer keeps its activations
         for i, layer in enumerate(model.get_base_model().model.layers):
             layer.gradient_checkpointing = i % 2 == 0
-    if compiled:  # regional compilation: the layers share one compiled graph (compiled during the warm-up steps)
-        for layer in model.get_base_model().model.layers:
-            layer.compile()
+    if compiled:  # the stage's regional compilation (one graph shared by the layers), compiled during the warm-up steps
+        compile_decoder_layers(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                   fused=True if fused_adamw and DEVICE == "cuda" else None)

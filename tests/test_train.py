@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -252,6 +254,44 @@ def test_speed_levers_are_gpu_only_and_checkpointing_decides_by_memory(base_mode
     forced = choose_speed(Mode("lora", "cuda", torch.bfloat16), TrainSpec(gradient_checkpointing=True), base_model_dir,
                           140 * 10**9)
     assert forced.gradient_checkpointing is True
+
+
+def test_auto_compile_waits_for_a_run_long_enough_to_pay():
+    from tuneforge.stages.train import COMPILE_PAYS_AFTER_SECONDS, auto_compile
+
+    steps = 1000
+    long_run = auto_compile(steps, 2 * COMPILE_PAYS_AFTER_SECONDS / steps)
+    assert long_run[0] is True and "compiled" in long_run[1]
+    short_run = auto_compile(steps, 0.5 * COMPILE_PAYS_AFTER_SECONDS / steps)
+    assert short_run[0] is False and short_run[1].endswith("eager")
+
+
+def test_compiled_layers_train_with_the_eager_loss_curve(tiny_root):
+    """train.compile: true (auto leaves a CPU eager, but a CPU compiles too) through the stage's loop, its eager
+    validation and its checkpoints: the same loss curve as eager, to float tolerance.
+
+    Compiled kernels round differently: the first step's loss (same weights, same batch) moved by ~1e-4 relative
+    here. Adam then amplifies that: its first update is the learning rate times each gradient's sign, so elements
+    whose gradients are near zero move one way or the other. Later losses agree to ~0.5%.
+    """
+    from tuneforge.stages.train import train_task
+
+    params = load_params(tiny_root / "params.yaml")
+    params.train.lora.dropout = 0.0  # compiled dropout draws other random numbers than eager
+    history = tiny_root / "metrics/address_json/train_history.csv"
+    adapter = tiny_root / "models/address_json/adapter/adapter_model.safetensors"
+    eager = train_task("address_json", params)
+    eager_curve, eager_adapter = pd.read_csv(history), load_file(adapter)
+    shutil.rmtree(tiny_root / "models/address_json")
+    params.train.compile = True
+    compiled = train_task("address_json", params)
+    assert not eager["compiled"] and "compile: auto: eager on a CPU" in eager["speed_reason"]
+    assert compiled["compiled"] and compiled["compiled_at_step"] == 0 and "train.compile: true" in compiled["speed_reason"]
+    curve = pd.read_csv(history)
+    assert curve["train_loss"][1] == pytest.approx(eager_curve["train_loss"][1], rel=2e-4)
+    for column in ("train_loss", "eval_loss"):
+        np.testing.assert_allclose(curve[column], eager_curve[column], rtol=1e-2)
+    assert load_file(adapter).keys() == eager_adapter.keys()  # compiling keeps the parameters' names
 
 
 @pytest.mark.cuda

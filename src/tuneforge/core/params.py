@@ -174,6 +174,10 @@ class TrainSpec(Strict):
         "(torch.nn.attention.varlen: each example attends within itself, no mask built) where the model's attention "
         "is plain causal; else transformers' SDPA with a block-diagonal mask (the CPU's path). The choice and its "
         "reason go into train.json")
+    compile: Literal["auto"] | StrictBool = Field(
+        "auto", description="torch.compile each decoder layer (the layers share one compiled graph). auto: on a GPU, "
+        "once a few steps are timed, when the rest of the run would take long enough eager for compiling to pay "
+        "(stages/train.py, COMPILE_PAYS_AFTER_SECONDS); eager on a CPU. The choice and its reason go into train.json")
     eval_every: int = Field(10, ge=1)
     eval_rows: int = Field(64, ge=1)
     early_stopping_patience: int = Field(3, ge=1)

@@ -3,6 +3,7 @@
     records -> chat template with loss mask -> packed sequences -> AdamW, warmup + cosine
     -> validation loss every `eval_every` steps -> best adapter kept, early stopping
     -> checkpoint every `checkpoint_every` steps (rerun resumes from it)
+    -> on a GPU, decoder layers compiled once the first steps show the run is long enough to pay for it
 
 The same code runs on one CPU, one GPU or several GPUs: launched with
 `accelerate launch --num_processes N -m tuneforge.stages.train --task T`, accelerate prepares the
@@ -139,6 +140,12 @@ def choose_speed(mode: Mode, spec: TrainSpec, model_dir: Path, free_bytes: int |
 # ---------------------------------------------------------------- schedule
 
 WARMUP_STEPS = 3  # steps that train.json's steady_tokens_per_second leaves out (first kernel compiles, allocator growth)
+# train.compile auto: after the warm-up, this many steps are timed, and the decoder layers are compiled when the rest of
+# the run would take at least COMPILE_PAYS_AFTER_SECONDS eager. In the stage on an H200 (1B shape, Liger, varlen
+# attention) compiling took ~20 s, recompiles as the batches' shapes varied included, and the compiled steps ran 14%
+# faster (benchmarks/README.md): 300 s of eager steps then save ~40 s, twice what compiling costs.
+COMPILE_TIMED_STEPS = 5
+COMPILE_PAYS_AFTER_SECONDS = 300.0
 
 
 def lr_at(step: int, total: int, spec: TrainSpec) -> float:
@@ -191,6 +198,32 @@ def build_model(params: Params, mode: Mode, model_dir: Path | None = None, spec:
     lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                       target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile each decoder layer in place; returns how many.
+
+    Regional compilation: the layers run the same code, so they share one compiled graph and compiling takes seconds
+    whatever the depth. `Module.compile` keeps parameter names, so checkpoints and adapters are unchanged.
+    """
+    lm = causal_lm(model)
+    layer_classes = set(getattr(lm, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(f"{type(lm).__name__} names no decoder layer class (_no_split_modules) to compile; "
+                         "set train.compile: false")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def auto_compile(remaining_steps: int, seconds_per_step: float) -> tuple[bool, str]:
+    """train.compile auto on a GPU: compile when the rest of the run, timed eager, is long enough to pay for it."""
+    remaining = remaining_steps * seconds_per_step
+    pays = remaining >= COMPILE_PAYS_AFTER_SECONDS
+    return pays, (f"auto: the remaining {remaining_steps} steps would take ~{remaining:.0f} s eager "
+                  f"({'at least' if pays else 'under'} {COMPILE_PAYS_AFTER_SECONDS:.0f} s): "
+                  f"{'decoder layers compiled' if pays else 'eager'}")
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -337,7 +370,9 @@ def train_task(task: str, params: Params | None = None) -> dict:
 
     def validation_loss() -> float:
         # Every process scores the same batches; the mean makes the value (and early stopping) identical on all.
-        loss = evaluate_loss(model, validation, str(accelerator.device))
+        # Eager even with compiled layers: no-grad forwards would compile graphs of their own for a small share.
+        with torch.compiler.set_stance("force_eager"):
+            loss = evaluate_loss(model, validation, str(accelerator.device))
         return float(accelerator.reduce(torch.tensor([loss], device=accelerator.device), reduction="mean"))
 
     if state["step"] == 0:
@@ -358,6 +393,18 @@ def train_task(task: str, params: Params | None = None) -> dict:
 
     checkpoints = CheckpointWriter()
 
+    # train.compile: true compiles now; auto on a GPU decides once COMPILE_TIMED_STEPS steps after the warm-up are timed.
+    compile_pending = spec.compile == "auto" and accelerator.device.type == "cuda"
+    compiled_at: int | None = None
+    if spec.compile == "auto":
+        compile_reason = ("auto: the run ended before its steps were timed: eager" if compile_pending
+                          else "auto: eager on a CPU (compiling the embedded model took ~40 s on 2 cores)")
+    else:
+        compile_reason = f"train.compile: {str(spec.compile).lower()}"
+        if spec.compile:
+            compile_decoder_layers(model)
+            compiled_at = resumed_from
+
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     unread_losses: list[torch.Tensor] = []  # the train losses of the steps since the last read, still on the device
@@ -377,6 +424,7 @@ def train_task(task: str, params: Params | None = None) -> dict:
     started = time.perf_counter()
     tokens_at_start = state["tokens_seen"]
     warm_mark = None  # (time, tokens seen, validation + checkpoint seconds) after the first WARMUP_STEPS steps
+    warm_step = resumed_from + WARMUP_STEPS
     stop_reason = "max_steps" if spec.max_steps else "epochs"
     while state["step"] < total_steps and stop_reason in ("max_steps", "epochs"):
         epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
@@ -415,8 +463,21 @@ def train_task(task: str, params: Params | None = None) -> dict:
             record = {"step": state["step"], "tokens_seen": state["tokens_seen"], "train_loss": None,
                       "eval_loss": None, "lr": lr}
             unread_records.append(record)
-            if state["step"] == resumed_from + WARMUP_STEPS:  # the steady state starts: kernels compiled, caches warm
+            if state["step"] == warm_step:  # the steady state starts: kernels compiled, caches warm
+                if compile_pending:
+                    torch.cuda.synchronize()  # so that the compile decision times finished steps
                 warm_mark = (time.perf_counter(), state["tokens_seen"], eval_seconds + checkpoint_seconds)
+            if compile_pending and state["step"] == warm_step + COMPILE_TIMED_STEPS:
+                torch.cuda.synchronize()
+                busy = time.perf_counter() - warm_mark[0] - (eval_seconds + checkpoint_seconds - warm_mark[2])
+                per_step = torch.tensor([busy / COMPILE_TIMED_STEPS], device=accelerator.device)
+                compile_pending = False  # every process decides alike, on the mean of their timings
+                compiled, compile_reason = auto_compile(total_steps - state["step"],
+                                                        float(accelerator.reduce(per_step, reduction="mean")))
+                if compiled:
+                    compile_decoder_layers(model)
+                    compiled_at = state["step"]
+                    warm_step = state["step"] + WARMUP_STEPS  # steady again once the graphs are compiled
             if state["step"] % spec.eval_every == 0 or state["step"] == total_steps:
                 read_losses()
                 eval_started = time.perf_counter()
@@ -455,11 +516,12 @@ def train_task(task: str, params: Params | None = None) -> dict:
     elapsed = time.perf_counter() - started
     state["train_seconds"] += elapsed
     write_best()
+    mode.speed_reason += f"; compile: {compile_reason}"
 
     metrics = {
         "task": task, "mode": mode.name, "mode_reason": mode.reason, "device": str(accelerator.device),
         "kernels": mode.kernels, "gradient_checkpointing": mode.gradient_checkpointing, "attention": mode.attention,
-        "speed_reason": mode.speed_reason,
+        "compiled": compiled_at is not None, "compiled_at_step": compiled_at, "speed_reason": mode.speed_reason,
         "dtype": str(mode.dtype).replace("torch.", ""),
         "processes": accelerator.num_processes, "steps": state["step"], "planned_steps": total_steps,
         "steps_per_epoch": steps_per_epoch, "stop_reason": stop_reason, "resumed_from_step": resumed_from,
