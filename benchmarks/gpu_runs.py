@@ -130,6 +130,7 @@ def model_step(base_dir: Path, params, steps: int = 10, warmup: int = 3, packed_
     torch.cuda.reset_peak_memory_stats()
     model = build_model(params, mode, base_dir)
     if compiled:  # the stage's torch.compile of each decoder layer (one graph shared by the layers), during warm-up
+        torch._dynamo.reset()  # earlier compiles in this process count against dynamo's recompile limit
         compile_decoder_layers(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)

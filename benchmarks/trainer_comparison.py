@@ -49,6 +49,7 @@ TUNEFORGE = {
     "tf_liger_ckpt_2x": ("liger", "all", True, 2, False),
     "tf_liger_nockpt_compile": ("liger", "none", True, 1, True),
     "tf_liger_ckpt_compile": ("liger", "all", True, 1, True),
+    "tf_liger_half_compile": ("liger", "half", True, 1, True),
 }
 HF = ["trainer", "trainer_liger", "sft_packed", "sft_packed_liger"]
 
@@ -73,6 +74,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def reset() -> None:
+    # Compiled code is cached per code object: the variants before would count against the recompile limit (8),
+    # past which dynamo runs the layers eager, silently.
+    torch._dynamo.reset()
     gc.collect()
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
