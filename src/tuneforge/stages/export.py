@@ -81,7 +81,11 @@ def export_all(merged_dir: Path, gguf_dir: Path, quantizations: list[str], *, im
 @dataclass
 class ParityReference:
     """The HF model's next-token log-probabilities at every answer position of the parity records, teacher-forced
-    on the reference answers: computed once, then compared with each GGUF file (~12 MB an answer at a 49k vocabulary)."""
+    on the reference answers: computed once, then compared with each GGUF file.
+
+    Held in host memory: answer tokens x vocabulary x 4 bytes, ~0.4 GB for the default 24 rows (~2,000 answer tokens)
+    at the embedded 49k vocabulary, ~1 GB at Llama 3's 128k; export.parity_rows scales it.
+    """
 
     sequences: list[list[int]]  # prompt + answer token ids, one a record
     prompt_lengths: list[int]
@@ -98,9 +102,9 @@ def parity_reference(hf_model, tokenizer, records: list[dict], desc: str = "HF n
         answer = tokens_after(tokenizer, text, prompt, record["messages"][-1]["content"] + end_of_turn(tokenizer))
         ids = prompt + answer
         logits = hf_model(torch.tensor([ids])).logits[0].float()
-        # Positions that predict the answer tokens: the last prompt token through the second-to-last answer token.
         reference.sequences.append(ids)
         reference.prompt_lengths.append(len(prompt))
+        # Positions that predict the answer tokens: the last prompt token through the second-to-last answer token.
         reference.log_probs.append(torch.log_softmax(logits[len(prompt) - 1 : len(ids) - 1], -1))
     return reference
 
