@@ -206,11 +206,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_root):
 
 def test_two_processes_finish_an_odd_batch_count(tiny_root):
     """3 batches an epoch over 2 processes: the second process's last step is completed with the epoch's
-    first rows (accelerate's even_batches) instead of leaving it without a batch; both ranks finish."""
+    first rows (accelerate's even_batches) instead of leaving it without a batch; both ranks finish. The decoder
+    layers are compiled, as a long GPU run compiles them inside DDP."""
     set_train(tiny_root, 6, packing=False, batch_size=2, grad_accum=1, max_steps=0, epochs=2, eval_every=2,
-              checkpoint_every=100)
+              checkpoint_every=100, compile=True)
     two = launch(tiny_root, 2)
-    assert two["steps_per_epoch"] == 2 and two["steps"] == two["planned_steps"] == 4
+    assert two["compiled"] and two["steps_per_epoch"] == 2 and two["steps"] == two["planned_steps"] == 4
     assert two["final_train_loss"] > 0 and two["stop_reason"] == "epochs"
     assert two["steady_tokens_per_second"] > 0  # the 4th step, after the 3 warm-up steps
 
