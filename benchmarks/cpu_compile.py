@@ -2,26 +2,33 @@
 
     python benchmarks/cpu_compile.py
 
-The embedded model with the stage's LoRA (build_model, fp32 on the CPU), 4 random rows of 256 tokens a step (the CPU
-profile's micro-batch), AdamW; 3 warm-up steps, then 10 timed; eager first, then each decoder layer compiled.
+The embedded model with the stage's LoRA (build_model), 4 random rows of 256 tokens a step (the CPU profile's
+micro-batch), AdamW; 3 warm-up steps, then 10 timed; eager first, then each decoder layer compiled. --dtype: the
+stage's compute dtype on this CPU (bf16 where it has bf16 units) or fp32.
 """
 
+import argparse
 import time
 
 import torch
 
 from tuneforge.core.batching import answer_loss
+from tuneforge.core.modeling import compute_dtype
 from tuneforge.core.params import load_params
 from tuneforge.stages.train import Mode, build_model, compile_decoder_layers
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=["stage", "fp32"], default="stage")
+    dtype = compute_dtype("cpu") if parser.parse_args().dtype == "stage" else torch.float32
+    print(f"dtype: {dtype}")
     torch.manual_seed(0)
     params = load_params()
     seconds = {}
     for compiled in (False, True):
         torch._dynamo.reset()
-        model = build_model(params, Mode("lora", "cpu", torch.float32))
+        model = build_model(params, Mode("lora", "cpu", dtype))
         if compiled:
             compile_decoder_layers(model)
         model.train()
