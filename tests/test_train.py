@@ -148,6 +148,10 @@ def test_a_killed_run_resumes_to_the_same_adapter(tiny_root):
     step_at_kill = json.loads(progress.read_text())["step"]
     assert 2 <= step_at_kill < 4
     shutil.rmtree(adapter)  # as `dvc repro` does with a stage's outputs before rerunning it
+    # Speed settings changed between the kill and the rerun (eager on a CPU either way): the checkpoint still counts.
+    params = yaml.safe_load((tiny_root / "params.yaml").read_text())
+    params["train"].update(compile=False, kernels="none", checkpoint_every=2)
+    (tiny_root / "params.yaml").write_text(yaml.safe_dump(params))
 
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     resumed = load_file(adapter / "adapter_model.safetensors")
@@ -158,6 +162,28 @@ def test_a_killed_run_resumes_to_the_same_adapter(tiny_root):
     for name in resumed:
         torch.testing.assert_close(resumed[name], uninterrupted[name], atol=1e-5, rtol=1e-4)
     assert not progress.exists()  # a finished run leaves nothing to resume
+
+
+def test_a_checkpoint_resumes_across_speed_settings_but_not_recipe_changes(tmp_path, repo_root):
+    """The resume fingerprint: speed settings and other tasks' overrides keep it; the recipe, base or data do not."""
+    from tuneforge.core.params import TrainSpec
+    from tuneforge.stages.train import SPEED_SETTINGS, fingerprint
+
+    assert SPEED_SETTINGS <= TrainSpec.model_fields.keys()
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text('{"input": "a", "output": "b"}\n')
+    params = load_params(repo_root / "params.yaml")
+    before = fingerprint(params, "address_json", train_file)
+    same = {"train.compile": True, "train.kernels": "none", "train.attention": "sdpa", "train.gradient_checkpointing": True,
+            "train.pad_to_multiple_of": 64, "train.checkpoint_every": 7, "train.task_overrides.sms_spam.learning_rate": 1e-5}
+    for name, value in same.items():
+        assert fingerprint(params.with_settings({name: value}), "address_json", train_file) == before, name
+    for name, value in {"train.learning_rate": 2e-3, "train.lora.r": 4, "train.seed": 1,
+                        "train.task_overrides.address_json.epochs": 9.0}.items():
+        assert fingerprint(params.with_settings({name: value}), "address_json", train_file) != before, name
+    assert fingerprint(params, "sms_spam", train_file) != before
+    train_file.write_text('{"input": "a", "output": "c"}\n')
+    assert fingerprint(params, "address_json", train_file) != before
 
 
 def set_train(root, n_records: int, **train):

@@ -238,9 +238,18 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- checkpoints
 
 
+# Settings that change how fast a step runs, not what it computes (beyond float rounding). The auto values already
+# resolve differently from one machine to the next, so a resumed run may take another path than the killed one.
+SPEED_SETTINGS = frozenset({"compile", "kernels", "attention", "gradient_checkpointing",
+                            "auto_checkpointing_memory_share", "pad_to_multiple_of", "checkpoint_every"})
+
+
 def fingerprint(params: Params, task: str, train_file: Path) -> str:
-    """Resume only a run with identical settings and data."""
-    blob = json.dumps([params.train.model_dump(), params.model.model_dump(), task], sort_keys=True).encode()
+    """A checkpoint resumes only a run with the same recipe, base and data. Speed settings are left out, so that
+    turning one on between a killed run and its rerun keeps the steps already trained; so are the other tasks'
+    overrides (the task's own are applied)."""
+    recipe = params.train_for(task).model_dump(exclude={*SPEED_SETTINGS, "task_overrides"})
+    blob = json.dumps([recipe, params.model.model_dump(), task], sort_keys=True).encode()
     return hashlib.sha256(blob + train_file.read_bytes()).hexdigest()[:16]
 
 
