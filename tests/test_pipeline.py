@@ -81,6 +81,11 @@ def test_every_stage_reported(pipeline):
     for task in ("address_json", "sms_spam"):
         train = json.loads((repo / f"metrics/{task}/train.json").read_text())
         assert train["mode"] == "lora" and train["device"] == "cpu" and train["steps"] == 2
+        # The same adapter config in every clone: the base by its project path, the modules in a stable order.
+        adapter_config = json.loads((repo / f"models/{task}/adapter/adapter_config.json").read_text())
+        assert adapter_config["base_model_name_or_path"] == "models/base"
+        assert adapter_config["target_modules"] == sorted(adapter_config["target_modules"])
+        assert len(adapter_config["target_modules"]) == 7  # all-linear on a Llama: q k v o gate up down
         assert "tuned_" + ("micro_f1" if task == "address_json" else "macro_f1") in (repo / f"metrics/{task}/eval.json").read_text()
         assert len((repo / f"data/predictions/{task}.jsonl").read_text().splitlines()) == 24
         export = json.loads((repo / f"metrics/{task}/export.json").read_text())

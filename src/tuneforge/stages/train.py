@@ -53,6 +53,7 @@ from tuneforge.core.paths import (
     metrics_file,
     models_dir,
     processed_dir,
+    repo_root,
     train_history_file,
 )
 from tuneforge.core.records import read_jsonl, write_metrics
@@ -197,7 +198,16 @@ def build_model(params: Params, mode: Mode, model_dir: Path | None = None, spec:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                       target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    # The adapter's files alike in every clone: the stage's base named by its project path in adapter_config.json
+    # and peft's model card, not by this checkout's absolute one (which a teammate's `dvc pull` would not have) ...
+    if model_dir is None:
+        model.name_or_path = model.config.name_or_path = base_model_dir().relative_to(repo_root()).as_posix()
+    model = get_peft_model(model, lora)
+    # ... and the target modules sorted (peft keeps a set, whose order changes from one process to the next).
+    config = model.peft_config["default"]
+    if isinstance(config.target_modules, set):
+        config.target_modules = sorted(config.target_modules)
+    return model
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
