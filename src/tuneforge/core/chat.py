@@ -94,3 +94,18 @@ def render(tokenizer, messages: list[dict[str, str]]) -> Rendered:
             labels += ids if trained else [IGNORE] * len(ids)
             done += text
     return Rendered(input_ids, labels)
+
+
+def special_tokens_in(text: str, specials) -> list[str]:
+    """The special-token strings (a chat template's markers: <|im_start|>, <|im_end|>, …) that text holds.
+
+    A message holding them would be rendered, and tokenized, as the markers themselves: a user turn could forge a
+    system turn or an answer. Training data and served requests that hold one are refused, never escaped silently.
+    """
+    return sorted({s for s in specials if s and s in text})
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """Every special token's text of an HF tokenizer (its named special tokens and added special tokens)."""
+    added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    return sorted(set(tokenizer.all_special_tokens) | set(added))
