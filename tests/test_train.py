@@ -297,10 +297,15 @@ def test_compiled_layers_train_with_the_eager_loss_curve(tiny_root):
     """train.compile: true (auto leaves a CPU eager, but a CPU compiles too) through the stage's loop, its eager
     validation and its checkpoints: the same loss curve as eager, to float tolerance.
 
-    Compiled kernels round differently: the first step's loss (same weights, same batch) moved by ~1e-4 relative
-    here. Adam then amplifies that: its first update is the learning rate times each gradient's sign, so elements
-    whose gradients are near zero move one way or the other. Later losses agree to ~0.5%.
+    Compiled kernels fuse and order operations differently, so they round differently: the first step's loss (same
+    weights, same batch) moved by 0.8e-4 to 1.4e-4 relative on the machine this test was written on and by 1.8e-3 on another
+    machine of the same kind (2 cores with AMX, same lock file). The bound is therefore the stage dtype's own
+    precision (bf16's machine epsilon, 7.8e-3, where the CPU has bf16 units; fp32's otherwise), not either
+    machine's rounding. Adam then amplifies the difference: its first update is the learning rate times each
+    gradient's sign, so elements whose gradients are near zero move one way or the other. Later losses agree to
+    ~0.5%, inside 1e-2.
     """
+    from tuneforge.core.modeling import compute_dtype
     from tuneforge.stages.train import train_task
 
     params = load_params(tiny_root / "params.yaml")
@@ -315,7 +320,8 @@ def test_compiled_layers_train_with_the_eager_loss_curve(tiny_root):
     assert not eager["compiled"] and "compile: auto: eager on a CPU" in eager["speed_reason"]
     assert compiled["compiled"] and compiled["compiled_at_step"] == 0 and "train.compile: true" in compiled["speed_reason"]
     curve = pd.read_csv(history)
-    assert curve["train_loss"][1] == pytest.approx(eager_curve["train_loss"][1], rel=2e-4)
+    first_step_rounding = torch.finfo(compute_dtype("cpu")).eps
+    assert curve["train_loss"][1] == pytest.approx(eager_curve["train_loss"][1], rel=first_step_rounding)
     for column in ("train_loss", "eval_loss"):
         np.testing.assert_allclose(curve[column], eager_curve[column], rtol=1e-2)
     assert load_file(adapter).keys() == eager_adapter.keys()  # compiling keeps the parameters' names
