@@ -298,8 +298,8 @@ def test_compiled_layers_train_with_the_eager_loss_curve(tiny_root):
     validation and its checkpoints: the same loss curve as eager, to float tolerance.
 
     Compiled kernels fuse and order operations differently, so they round differently: the first step's loss (same
-    weights, same batch) moved by 0.8e-4 to 1.4e-4 relative on the machine this test was written on and by 1.8e-3 on another
-    machine of the same kind (2 cores with AMX, same lock file). The bound is therefore the stage dtype's own
+    weights, same batch) moved by 0.8e-4 to 1.4e-4 relative on the machine this test was written on, and by 1.8e-3
+    on another machine of the same kind (2 cores with AMX, same lock file). The bound is therefore the stage dtype's own
     precision (bf16's machine epsilon, 7.8e-3, where the CPU has bf16 units; fp32's otherwise), not either
     machine's rounding. Adam then amplifies the difference: its first update is the learning rate times each
     gradient's sign, so elements whose gradients are near zero move one way or the other. Later losses agree to
