@@ -1,93 +1,49 @@
-"""The layout keeps DVC's code dependencies complete by construction; these tests keep it that way.
+"""The layout keeps DVC's code dependencies exact by construction; these tests keep it that way.
 
-For each stage, every tuneforge module that its command runs (the module it names, a notebook's imports, and
-everything they import, transitively) must sit under one of the stage's deps in dvc.yaml. A future import that reaches
-outside them fails here instead of leaving `dvc repro` to call stale outputs up to date.
+For each stage, the tuneforge files its command runs (the module it names, a notebook's imports, and everything they
+import, transitively) are exactly the stage's code deps in dvc.yaml (scripts/stage_deps.py generates them). A future
+import that reaches outside them fails here instead of leaving `dvc repro` to call stale outputs up to date, and a
+dep the stage no longer runs fails too, so editing it cannot rerun hours of training for nothing.
 """
 
 from __future__ import annotations
 
-import ast
-import json
+import importlib.util
 from pathlib import Path
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-STAGE_NOTEBOOK = {"prepare": "00_prepare", "audit": "01_data_audit", "train": "02_train", "evaluate": "03_evaluate",
-                  "export": "04_export_gguf", "drift": "05_drift_report"}
-# Stages whose command runs a module rather than a notebook.
-MODULE_STAGES = {"base_model": "tuneforge.stages.base_model", "base_gguf": "tuneforge.stages.base_gguf",
-                 "index": "tuneforge.report.index"}
+_spec = importlib.util.spec_from_file_location("stage_deps", ROOT / "scripts" / "stage_deps.py")
+stage_deps = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(stage_deps)
+imported_modules = stage_deps.imported_modules
 
 
-def module_file(name: str) -> Path | None:
-    base = SRC / Path(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.exists():
-            return candidate
-    return None
+def test_every_stage_lists_exactly_the_code_it_runs():
+    found = stage_deps.differences()
+    assert not found, "\n".join(f"dvc.yaml stage {stage!r} runs {missing} without listing them, and lists {extra} that "
+                                 "it does not run: `python scripts/stage_deps.py --write`"
+                                 for stage, (missing, extra) in found.items())
 
 
-def imported_modules(code: str, package: str = "") -> set[str]:
-    """tuneforge modules named by the import statements of some code (every scope, lazy imports too)."""
-    found = set()
-    for node in ast.walk(ast.parse(code)):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            module = node.module if not node.level else ".".join([*package.split(".")[: -node.level + 1 or None], node.module])
-            found.add(module)
-            found |= {f"{module}.{a.name}" for a in node.names}  # `from tuneforge.core import metrics`
-    return {m for m in found if m.split(".")[0] == "tuneforge" and module_file(m)}
+def test_an_edit_to_the_request_log_reruns_no_training():
+    """Only stages that import core/traffic.py (drift) depend on it: a serving fix reruns no training."""
+    dependants = [stage for stage in [*stage_deps.STAGE_NOTEBOOK, *stage_deps.MODULE_STAGES]
+                  if "src/tuneforge/core/traffic.py" in stage_deps.code_deps(stage)]
+    assert dependants == ["drift"]
 
 
-def closure(modules: set[str]) -> set[Path]:
-    """Files of these modules, their parent packages and everything they import, transitively."""
-    seen: set[str] = set()
-    todo = list(modules)
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a/__init__, a/b/__init__
-        todo += imported_modules(module_file(name).read_text(), name)
-    return {module_file(name) for name in seen}
-
-
-def notebook_code(name: str) -> str:
-    nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
-    return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-
-
-def stage_deps(stage: str) -> list[Path]:
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
-    deps = spec.get("do", spec)["deps"]
-    return [ROOT / d for d in deps if "${" not in d]
-
-
-def stage_command(stage: str) -> str:
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
-    return spec.get("do", spec)["cmd"]
-
-
-@pytest.mark.parametrize("stage", [*STAGE_NOTEBOOK, *MODULE_STAGES])
-def test_every_module_a_stage_runs_is_one_of_its_deps(stage):
-    if stage in STAGE_NOTEBOOK:
-        assert stage_command(stage).startswith(f"python -m tuneforge.report.notebook {STAGE_NOTEBOOK[stage]} ")
-        entry = {"tuneforge.report.notebook"} | imported_modules(notebook_code(STAGE_NOTEBOOK[stage]))
-        assert ROOT / "notebooks" / f"{STAGE_NOTEBOOK[stage]}.ipynb" in stage_deps(stage)
-    else:
-        assert stage_command(stage) == f"python -m {MODULE_STAGES[stage]}"
-        entry = {MODULE_STAGES[stage]}
-    deps = stage_deps(stage)
-    uncovered = [f.relative_to(ROOT) for f in closure(entry)
-                 if not any(f == d or d in f.parents for d in deps)]
-    assert not uncovered, f"dvc.yaml stage {stage!r} runs {uncovered} but does not list them (or a folder above them) in deps"
+def test_the_check_names_a_missing_import(tmp_path):
+    """The generator's check fails, naming the stage and the file, when dvc.yaml lacks a module the stage runs."""
+    dvc_yaml = tmp_path / "dvc.yaml"
+    dvc_yaml.write_text((ROOT / "dvc.yaml").read_text().replace("        - src/tuneforge/core/batching.py\n", "", 1))
+    found = stage_deps.differences(dvc_yaml)
+    assert found and all(missing == ["src/tuneforge/core/batching.py"] for missing, _ in found.values())
+    stage_deps.write(dvc_yaml)
+    assert not stage_deps.differences(dvc_yaml)
+    assert yaml.safe_load(dvc_yaml.read_text()) == yaml.safe_load((ROOT / "dvc.yaml").read_text())
 
 
 def test_core_imports_no_stage_and_stages_import_only_the_core():
