@@ -7,7 +7,10 @@
 # Idempotent: does nothing when vendor/ already holds this version's converter and vocabularies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-V="${LLAMA_CPP_VERSION:-0.3.36}"
+# shellcheck source=scripts/pins.sh
+. scripts/pins.sh
+V="$LLAMA_CPP_VERSION"
+SHA256="$LLAMA_CPP_SHA256"
 DEST="${TUNEFORGE_VENDOR:-vendor}/llama.cpp-converter"
 STAMP="$DEST/.version"
 VOCABS=(llama-bpe llama-spm qwen2 phi-3)  # Llama 3, Llama 2 / Mistral, Qwen2, Phi-3
@@ -28,10 +31,14 @@ CACHE="${TUNEFORGE_CACHE:-$HOME/.cache/tuneforge}/sdist"
 SDIST="$CACHE/llama_cpp_python-$V.tar.gz"
 if [ ! -f "$SDIST" ]; then
   # Into a temporary folder first, so an interrupted download never leaves a truncated sdist in the cache.
-  python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$V" -d "$TMP/download"
+  python -m pip download -q --no-deps --no-binary :all: --require-hashes \
+    -r <(echo "llama-cpp-python==$V --hash=sha256:$SHA256") -d "$TMP/download"
   mkdir -p "$CACHE"
   mv "$TMP/download/llama_cpp_python-$V.tar.gz" "$SDIST"
 fi
+
+# The cached sdist is checked too: a cache filled by an older script (or by hand) is not trusted unchecked.
+echo "$SHA256  $SDIST" | sha256sum --check --quiet - || { echo "$SDIST: sha256 differs from the pinned one" >&2; exit 1; }
 
 SRC="llama_cpp_python-$V/vendor/llama.cpp"
 if ! have_converter; then

