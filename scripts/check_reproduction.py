@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -23,12 +25,18 @@ from pathlib import Path
 MACHINE_DEPENDENT = re.compile(r"second|latency|tok_s|memory|bandwidth|wall|environment|_ms\b|p95")
 
 
-def run(cmd: str, cwd: Path) -> float:
-    """Run cmd in cwd; its wall time in minutes."""
-    print(f"$ {cmd}", flush=True)
+def run(args: list[str], cwd: Path) -> float:
+    """Run a command (an argument list: nothing passes through a shell) in cwd; its wall time in minutes."""
+    print(f"$ {shlex.join(args)}", flush=True)
     started = time.time()
-    subprocess.run(["bash", "-c", cmd], cwd=cwd, check=True)
+    subprocess.run(args, cwd=cwd, check=True)
     return (time.time() - started) / 60
+
+
+def in_venv(clone: Path, *args: str) -> list[str]:
+    """A command run with the clone's .venv first on PATH (what `. .venv/bin/activate` does)."""
+    return ["env", f"PATH={clone / '.venv' / 'bin'}:{os.environ['PATH']}", f"VIRTUAL_ENV={clone / '.venv'}",
+            "HF_HUB_OFFLINE=1", *args]
 
 
 def judged_differences(diff: dict, tolerance: float) -> tuple[list[str], list[str]]:
@@ -55,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     source = Path(__file__).resolve().parents[1]
     clone = args.workdir or Path(tempfile.mkdtemp(prefix="tuneforge-repro-"))
     started = time.time()
-    run(f"git clone -q {source} {clone} && git -C {clone} checkout -q {args.rev}", cwd=source)
-    setup_minutes = run("bash scripts/setup.sh", cwd=clone)
-    repro_minutes = run(". .venv/bin/activate && HF_HUB_OFFLINE=1 dvc repro", cwd=clone)
-    out = subprocess.run(["bash", "-c", ". .venv/bin/activate && dvc metrics diff --json HEAD"], cwd=clone,
+    run(["git", "clone", "-q", "--", str(source), str(clone)], cwd=source)
+    run(["git", "-C", str(clone), "checkout", "-q", args.rev, "--"], cwd=source)
+    setup_minutes = run(["bash", "scripts/setup.sh"], cwd=clone)
+    repro_minutes = run(in_venv(clone, "dvc", "repro"), cwd=clone)
+    out = subprocess.run(in_venv(clone, "dvc", "metrics", "diff", "--json", "HEAD"), cwd=clone,
                          check=True, capture_output=True, text=True).stdout
     bad, machine = judged_differences(json.loads(out or "{}"), args.tolerance)
     print(f"\nfresh clone {clone} at {args.rev}: set-up + dvc repro took {(time.time() - started) / 60:.1f} min "
