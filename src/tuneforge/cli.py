@@ -49,12 +49,11 @@ def sweep(args) -> int:
 
 
 def serve(args) -> int:
-    from tuneforge.core.params import ParamsError
     from tuneforge.serve import ServeError, serve as run_server
 
     try:
         run_server(args.task, args.host, args.port, args.quantization, args.api_key)
-    except (ServeError, ParamsError) as err:
+    except ServeError as err:
         print(f"tuneforge serve: {err}", file=sys.stderr)
         return 2
     return 0
@@ -95,8 +94,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tuneforge.core.params import ParamsError
+
     args = parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ParamsError as err:  # a setting to fix, said in one message: no traceback
+        print(f"tuneforge {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
