@@ -63,17 +63,22 @@ def input_words(input_text: str) -> list[list[str]]:
 
 
 def _extractive_rules(input_text: str) -> list[str]:
-    """value ::= a JSON string of input words in input order: w<i> is word i followed optionally by a later run."""
+    """value ::= a JSON string of input words in input order.
+
+    s<i> offers each word form that occurs at or after word i, once, leading to the state after its first such
+    occurrence: a string of words has one parse (leftmost matching), however often a word repeats. The language
+    is the same as "any later word" would give, but the grammar sampler keeps one stack where that kept one per
+    repeat (a 600-character "a a a ..." input made llama.cpp spend minutes on a few tokens).
+    """
     words = input_words(input_text)
     if not words:
         return [f"value ::= {_JSON_STRING}"]
-    rules = ['value ::= "\\"" run0 "\\""']
-    last = len(words) - 1
-    for i, forms in enumerate(words):
-        word = " | ".join(gbnf_literal(f) for f in forms)
-        rules.append(f"w{i} ::= ({word})" + (f' ( " " run{i + 1} )?' if i < last else ""))
-        rules.append(f"run{i} ::= w{i}" + (f" | run{i + 1}" if i < last else ""))  # start at word i or later
-    return rules
+    rules, first = [], {}  # first: form -> index of its first word at or after i
+    for i in reversed(range(len(words))):
+        first.update({form: i for form in words[i]})
+        rules.append(f"s{i} ::= " + " | ".join(
+            gbnf_literal(form) + (f' ( " " s{j + 1} )?' if j + 1 < len(words) else "") for form, j in first.items()))
+    return ['value ::= "\\"" s0 "\\""', *reversed(rules)]
 
 
 def grammar_for(output: OutputSpec, input_text: str = "") -> str:
