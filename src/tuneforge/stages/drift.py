@@ -55,6 +55,17 @@ class DriftOutcome:
     drifted_columns: list[str]
 
 
+# Evidently's type name for ValueDrift in a result's metric config: a test is matched to its column by the metric's
+# type and column parameters, never by the display name it shows people.
+VALUE_DRIFT = "evidently:metric_v2:ValueDrift"
+
+
+def drifted_columns(result: dict) -> list[str]:
+    """The columns whose ValueDrift test did not pass, from a snapshot's dict()."""
+    return [t["metric_config"]["params"]["column"] for t in result["tests"]
+            if t["metric_config"]["params"].get("type") == VALUE_DRIFT and t["status"] != "SUCCESS"]
+
+
 def run_drift(reference: pd.DataFrame, current: pd.DataFrame, spec) -> DriftOutcome:
     """Evidently drift report with tests; the verdict combines the tests with validity and latency rules.
 
@@ -95,8 +106,7 @@ def run_drift(reference: pd.DataFrame, current: pd.DataFrame, spec) -> DriftOutc
         bar.update()
 
     result = snapshot.dict()
-    drifted = [t["name"].removeprefix("Value Drift for column ") for t in result["tests"]
-               if t["name"].startswith("Value Drift for column") and t["status"] != "SUCCESS"]
+    drifted = drifted_columns(result)
     share = len(drifted) / max(1, len(shared))
     reasons = []
     if share >= spec.max_drift_share:
