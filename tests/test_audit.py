@@ -55,3 +55,15 @@ def test_multi_turn_trains_every_assistant_turn(tokenizer):
     r = render(tokenizer, messages)
     trained = tokenizer.decode([t for t, label in zip(r.input_ids, r.labels) if label != IGNORE])
     assert trained == "ham<|im_end|>spam<|im_end|>"
+
+
+def test_the_email_pattern_scans_a_megabyte_of_dotted_words_in_linear_time():
+    """The old pattern retried every start of "a.a.a..." against the whole run: 16k characters took 0.58 s and each
+    doubling four times as long (a 1 MB record: ~40 min)."""
+    import time
+
+    start = time.perf_counter()
+    assert pii_findings("a." * 500_000) == {}
+    assert time.perf_counter() - start < 1.0
+    assert pii_findings("a." * 50_000 + "x@example.com")["email"] == ["a." * 50_000 + "x@example.com"]
+    assert pii_findings(".+x@example.com, x@y@example.org")["email"] == ["x@example.com", "y@example.org"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ from datasketch import MinHash, MinHashLSH
 
 from tuneforge.core.chat import IGNORE, render
 from tuneforge.core.params import AuditSpec, OutputSpec
+from tuneforge.core.pii import pii_findings
 from tuneforge.core.records import normalise
 
 NUM_PERM = 64
@@ -71,34 +71,6 @@ def exact_leakage(texts: dict[str, list[str]]) -> list[tuple[str, str, str]]:
             if key in first_split and first_split[key] != split:
                 found.append((first_split[key], split, text))
             first_split.setdefault(key, split)
-    return found
-
-
-PII_PATTERNS = {
-    "email": re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b"),
-    "phone": re.compile(r"(?<!\w)(?:\+?\d{1,3}[\s.-]?)?(?:\(\d{3}\)|\d{3,5})[\s.-]?\d{3}[\s.-]?\d{3,4}(?!\w)"),
-    "card_number": re.compile(r"(?<!\d)(?:\d[ -]?){13,19}(?!\d)"),
-}
-
-
-def _luhn_ok(digits: str) -> bool:
-    total, parity = 0, len(digits) % 2
-    for i, ch in enumerate(digits):
-        d = int(ch)
-        if i % 2 == parity:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def pii_findings(text: str) -> dict[str, list[str]]:
-    found = {}
-    for kind, pattern in PII_PATTERNS.items():
-        hits = pattern.findall(text)
-        if kind == "card_number":
-            hits = [h for h in hits if _luhn_ok(re.sub(r"\D", "", h))]
-        if hits:
-            found[kind] = hits
     return found
 
 
