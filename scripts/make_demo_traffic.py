@@ -24,7 +24,7 @@ from tuneforge.core.gguf import (
 )
 from tuneforge.core.modeling import load_tokenizer
 from tuneforge.core.params import load_params
-from tuneforge.core.paths import models_dir, processed_dir, production_file, repo_root
+from tuneforge.core.paths import merged_dir, processed_dir, production_file, repo_root, task_gguf_file
 from tuneforge.core.records import read_jsonl
 from tuneforge.core.traffic import append_request
 
@@ -49,8 +49,8 @@ def main() -> None:
 
     params = load_params()
     spec = params.task(args.task)
-    gguf = models_dir(args.task) / "gguf" / f"model-{args.quantization or served_quantization(args.task)}.gguf"
-    tokenizer = load_tokenizer(models_dir(args.task) / "merged")
+    gguf = task_gguf_file(args.task, args.quantization or served_quantization(args.task))
+    tokenizer = load_tokenizer(merged_dir(args.task))
     llm = load_llama(gguf, n_threads=params.export.n_threads)
     digest = file_sha256(gguf)
     out = production_file(args.task)

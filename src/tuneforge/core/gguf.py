@@ -99,14 +99,10 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, desc
 
 
 def gguf_files(folder: Path, quantizations: list[str]) -> dict[str, Path]:
-    return {"f16": folder / "model-f16.gguf", **{q: folder / f"model-{q}.gguf" for q in quantizations}}
+    """The f16 file and one file a quantization type, in folder."""
+    from tuneforge.core.paths import gguf_file
 
-
-def adapter_gguf(task: str) -> Path:
-    """The task's LoRA adapter as GGUF, beside its merged files."""
-    from tuneforge.core.paths import models_dir
-
-    return models_dir(task) / "gguf" / "adapter-f16.gguf"
+    return {q: gguf_file(folder, q) for q in ("f16", *quantizations)}
 
 
 def served_quantization(task: str) -> str:

@@ -47,6 +47,44 @@ def models_dir(task: str) -> Path:
     return repo_root() / "models" / task
 
 
+def adapter_dir(task: str) -> Path:
+    """The task's LoRA adapter (peft's folder), written by the train stage."""
+    return models_dir(task) / "adapter"
+
+
+def checkpoint_dir(task: str) -> Path:
+    """The train stage's last checkpoint, what a killed run resumes from."""
+    return models_dir(task) / "checkpoints" / "last"
+
+
+def merged_dir(task: str) -> Path:
+    """The base with the task's adapter merged in (safetensors), the GGUF converter's input."""
+    return models_dir(task) / "merged"
+
+
+def gguf_dir(task: str) -> Path:
+    return models_dir(task) / "gguf"
+
+
+def gguf_file(folder: Path, quantization: str) -> Path:
+    """A model's GGUF of one type ("f16", "Q8_0", ...) in folder: one naming for every GGUF the pipeline writes."""
+    return folder / f"model-{quantization}.gguf"
+
+
+def task_gguf_file(task: str, quantization: str) -> Path:
+    """The task's merged model as GGUF of one type (the export stage)."""
+    return gguf_file(gguf_dir(task), quantization)
+
+
+def adapter_gguf_file(task: str) -> Path:
+    """The task's LoRA adapter as GGUF, beside its merged files: what `tuneforge serve` loads over the base GGUF."""
+    return gguf_dir(task) / "adapter-f16.gguf"
+
+
+def base_gguf_file(quantization: str) -> Path:
+    return gguf_file(base_gguf_dir(), quantization)
+
+
 def base_model_dir() -> Path:
     return repo_root() / "models" / "base"
 

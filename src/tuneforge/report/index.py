@@ -21,7 +21,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
 from tuneforge.core.params import EMBEDDED_BASE, Params, TaskSpec, load_params
-from tuneforge.core.paths import STAGE_METRICS, repo_root
+from tuneforge.core.paths import STAGE_METRICS, repo_root, task_gguf_file
 
 TEMPLATES = Path(__file__).parent / "templates"
 MODEL_CARDS = Path("reports") / "model_cards"  # <task>/README.md (the card) and <task>/model_card.html
@@ -413,7 +413,8 @@ class TaskReport:
 
     def gguf_files(self) -> list[dict]:
         ex = self.export
-        return [{"name": q, "file": f"models/{self.name}/gguf/model-{q}.gguf", "size_mb": ex[f"{q}_size_mb"],
+        return [{"name": q, "file": task_gguf_file(self.name, q).relative_to(repo_root()).as_posix(),
+                 "size_mb": ex[f"{q}_size_mb"],
                  "score": fmt(ex.get(f"{q}_{self.primary}")), "delta": ex.get(f"{q}_delta"),
                  "agreement": ex.get(f"{q}_top1_agreement"), "tokens_per_second": ex.get(f"{q}_generation_tokens_per_second"),
                  "served": q == self.served}

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from tuneforge.core.params import Params
+from tuneforge.core.paths import gguf_file
 from tuneforge.core.quantize import convert_to_gguf, quantize_gguf
 
 
@@ -17,9 +18,9 @@ def export_base_gguf(params: Params, base_dir: Path, out_dir: Path) -> Path:
     """Returns the quantized base file; the f16 intermediate is not kept (the merged tasks keep their own)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     quantization = params.export.base_quantization
-    out_file = out_dir / f"model-{quantization}.gguf"
+    out_file = gguf_file(out_dir, quantization)
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-        f16 = convert_to_gguf(base_dir, Path(scratch) / "model-f16.gguf", "f16")
+        f16 = convert_to_gguf(base_dir, gguf_file(Path(scratch), "f16"), "f16")
         quantize_gguf(f16, out_file, quantization, tensor_types=params.export.tensor_types)
     return out_file
 

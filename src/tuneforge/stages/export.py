@@ -22,7 +22,6 @@ from tuneforge.core.adapters import AdapterSwitch
 from tuneforge.core.chat import end_of_turn, prompt_text, stop_token_ids, tokens_after
 from tuneforge.core.constraints import grammars_for
 from tuneforge.core.gguf import (
-    adapter_gguf,
     file_sha256,
     generate_gguf,
     gguf_files,
@@ -32,9 +31,13 @@ from tuneforge.core.metrics import score_outputs
 from tuneforge.core.modeling import load_tokenizer
 from tuneforge.core.params import ExportSpec, Params
 from tuneforge.core.paths import (
-    base_gguf_dir,
+    adapter_dir,
+    adapter_gguf_file,
+    base_gguf_file,
     base_model_dir,
-    models_dir,
+    gguf_dir,
+    gguf_file,
+    merged_dir,
     predictions_file,
     processed_dir,
     repo_root,
@@ -68,11 +71,11 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, trust_remote
     return out_dir
 
 
-def export_all(merged_dir: Path, gguf_dir: Path, quantizations: list[str], *, imatrix: dict | None = None,
+def export_all(merged_folder: Path, gguf_folder: Path, quantizations: list[str], *, imatrix: dict | None = None,
                tensor_types: dict[str, str] | None = None) -> dict[str, Path]:
     """f16 with the converter, then each quantization from the f16 file (calibrated when an imatrix is given)."""
-    files = gguf_files(gguf_dir, quantizations)
-    convert_to_gguf(merged_dir, files["f16"], "f16")
+    files = gguf_files(gguf_folder, quantizations)
+    convert_to_gguf(merged_folder, files["f16"], "f16")
     for q in quantizations:
         quantize_gguf(files["f16"], files[q], q, imatrix=imatrix, tensor_types=tensor_types)
     return files
@@ -263,13 +266,13 @@ def run_export(task: str, params: Params) -> ExportResult:
 
     started = time.perf_counter()
     spec, cfg = params.task(task), params.export
-    merged_dir, gguf_dir = models_dir(task) / "merged", models_dir(task) / "gguf"
-    merge_adapter(base_model_dir(), models_dir(task) / "adapter", merged_dir, params.model.trust_remote_code)
-    tokenizer = load_tokenizer(merged_dir)
-    hf_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32,
+    merged = merged_dir(task)
+    merge_adapter(base_model_dir(), adapter_dir(task), merged, params.model.trust_remote_code)
+    tokenizer = load_tokenizer(merged)
+    hf_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32,
                                                     trust_remote_code=params.model.trust_remote_code)
-    files = gguf_files(gguf_dir, cfg.quantizations)
-    convert_to_gguf(merged_dir, files["f16"], "f16")
+    files = gguf_files(gguf_dir(task), cfg.quantizations)
+    convert_to_gguf(merged, files["f16"], "f16")
     imatrix, imatrix_rows, imatrix_seconds = None, 0, 0.0
     if cfg.imatrix_rows:
         start = time.perf_counter()
@@ -279,8 +282,8 @@ def run_export(task: str, params: Params) -> ExportResult:
         imatrix_seconds = time.perf_counter() - start
     for q in cfg.quantizations:
         quantize_gguf(files["f16"], files[q], q, imatrix=imatrix, tensor_types=cfg.tensor_types)
-    convert_lora_to_gguf(models_dir(task) / "adapter", base_model_dir(), adapter_gguf(task))
-    base_file = base_gguf_dir() / f"model-{cfg.base_quantization}.gguf"
+    convert_lora_to_gguf(adapter_dir(task), base_model_dir(), adapter_gguf_file(task))
+    base_file = base_gguf_file(cfg.base_quantization)
     if not base_file.is_file():
         raise FileNotFoundError(f"{base_file} does not exist: run `dvc repro base_gguf` first")
 
@@ -292,8 +295,8 @@ def run_export(task: str, params: Params) -> ExportResult:
     primary = spec.primary_metric
     bandwidth = memory_bandwidth_gb_s()
     speed = hf_speed(hf_model, tokenizer, records[:SPEED_PROMPTS], spec.max_new_tokens)
-    merged_bytes = (merged_dir / "model.safetensors").stat().st_size
-    table = [{"model": "HF merged (fp32 safetensors)", "label": "hf", "file": str(merged_dir / "model.safetensors"),
+    merged_bytes = (merged / "model.safetensors").stat().st_size
+    table = [{"model": "HF merged (fp32 safetensors)", "label": "hf", "file": str(merged / "model.safetensors"),
               "size_mb": merged_bytes / 1e6, primary: score_outputs(spec, records, hf_outputs)[primary],
               "delta": 0.0, "rows": len(records), "top1_agreement": 1.0, "mean_kl": 0.0, "same_answers_as_reference": 1.0,
               "prompt_tok_s": speed["prompt_tokens_per_second"], "gen_tok_s": speed["generation_tokens_per_second"],
@@ -318,11 +321,11 @@ def run_export(task: str, params: Params) -> ExportResult:
     add("GGUF f16", "f16", files["f16"], len(records), plain(files["f16"]))
     evaluator.reference = outputs["f16"]
     calibrated = " (task imatrix)" if imatrix else ""
-    with tempfile.TemporaryDirectory(dir=gguf_dir) as scratch:
+    with tempfile.TemporaryDirectory(dir=gguf_dir(task)) as scratch:
         for q in cfg.quantizations:
             add(f"GGUF {q}{calibrated}", q, files[q], len(records), plain(files[q]), kept_quantization=q)
             if imatrix and cfg.compare_without_imatrix:
-                uncalibrated = quantize_gguf(files["f16"], Path(scratch) / f"model-{q}.gguf", q, tensor_types=cfg.tensor_types)
+                uncalibrated = quantize_gguf(files["f16"], gguf_file(Path(scratch), q), q, tensor_types=cfg.tensor_types)
                 if file_sha256(uncalibrated) == file_sha256(files[q]):  # e.g. Q8_0: its rounding ignores the imatrix
                     table[-1]["imatrix_effect"] = "none (same bytes)"
                     continue
@@ -332,16 +335,16 @@ def run_export(task: str, params: Params) -> ExportResult:
 
     # The task's adapter over the shared base file, as `tuneforge serve` without --task runs it.
     def with_adapter(logits_all: bool):
-        switch = AdapterSwitch.load(base_file, {task: adapter_gguf(task)}, n_threads=cfg.n_threads, logits_all=logits_all)
+        switch = AdapterSwitch.load(base_file, {task: adapter_gguf_file(task)}, n_threads=cfg.n_threads, logits_all=logits_all)
         switch.use(task)
         return switch.llm
 
     # Its size is what a token reads: the base file and the adapter (export.json also gives the adapter alone).
-    add(f"GGUF base {cfg.base_quantization} + adapter", "adapter", adapter_gguf(task), len(records), with_adapter,
-        size_bytes=base_file.stat().st_size + adapter_gguf(task).stat().st_size)
+    add(f"GGUF base {cfg.base_quantization} + adapter", "adapter", adapter_gguf_file(task), len(records), with_adapter,
+        size_bytes=base_file.stat().st_size + adapter_gguf_file(task).stat().st_size)
     merged_same_type = outputs.get(cfg.base_quantization)
     extra = {"memory_bandwidth_gb_s": bandwidth, "imatrix_rows": imatrix_rows,
-             "imatrix_seconds": imatrix_seconds, "adapter_file_size_mb": adapter_gguf(task).stat().st_size / 1e6,
+             "imatrix_seconds": imatrix_seconds, "adapter_file_size_mb": adapter_gguf_file(task).stat().st_size / 1e6,
              "base_gguf_size_mb": base_file.stat().st_size / 1e6}
     if merged_same_type is not None:
         # How often base + adapter answers exactly as the merged file of the same type (rounding differs slightly).
