@@ -9,12 +9,14 @@ from __future__ import annotations
 import itertools
 import random
 import re
+import unicodedata
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,13 +32,36 @@ EMBEDDED_BASE = "smollm2-135m-instruct"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan: YAML's .inf and .nan are floats, and no setting here means anything at infinity
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Characters a reader cannot see: control and format characters (zero-width space, joiners, BOM), unassigned and
+# private-use code points, line and paragraph separators.
+HIDDEN_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def _exact_name(name: str) -> str:
+    """A label or JSON key must be what the model can write and a reader can see: the answer is compared with it
+    character for character, so `" spam"` or a fullwidth `ｓｐａｍ` is a class no prediction ever matches."""
+    if name != name.strip():
+        raise ValueError(f"{name!r} has leading or trailing whitespace")
+    hidden = [f"U+{ord(c):04X}" for c in name if unicodedata.category(c) in HIDDEN_CATEGORIES]
+    if hidden:
+        raise ValueError(f"{name!r} holds invisible or control characters ({', '.join(hidden)})")
+    if unicodedata.normalize("NFKC", name) != name:
+        raise ValueError(f"{name!r} is not NFKC-normalised (NFKC gives {unicodedata.normalize('NFKC', name)!r}): "
+                         "fullwidth letters, ligatures and odd spaces look like plain text but are other characters")
+    return name
+
+
+ExactName = Annotated[str, AfterValidator(_exact_name)]
 
 
 class OutputSpec(Strict):
     kind: Literal["json_object", "label"]
-    allowed_keys: list[str] = Field(default_factory=list, description="json_object: keys the answer may use")
-    labels: list[str] = Field(default_factory=list, description="label: the exact answers allowed")
+    allowed_keys: list[ExactName] = Field(default_factory=list, description="json_object: keys the answer may use")
+    labels: list[ExactName] = Field(default_factory=list, description="label: the exact answers allowed")
     constrained: bool = Field(True, description="decode under the grammar of this output kind (evaluation, export, "
                               "serve); false: free generation, scored the same way")
     extractive: bool = Field(False, description="json_object: every value is copied from the input (its words, in "
@@ -56,6 +81,13 @@ class OutputSpec(Strict):
                 raise ValueError(f"output.{name} lists {repeated} more than once")
             if any(not x.strip() for x in items):
                 raise ValueError(f"output.{name} holds an empty name")
+            # Unicode's caseless match (NFKC, then casefold): two names it equates are one name to a reader.
+            seen: dict[str, str] = {}
+            for item in items:
+                other = seen.setdefault(unicodedata.normalize("NFKC", item).casefold(), item)
+                if other != item:
+                    raise ValueError(f"output.{name}: {other!r} and {item!r} differ only in case or look-alike "
+                                     "characters")
         return self
 
 
@@ -95,6 +127,9 @@ class TaskSpec(Strict):
     def _csv_needs_columns(self) -> TaskSpec:
         if self.reader == "csv" and not {"input", "output"} <= set(self.columns):
             raise ValueError("reader csv needs columns: {input: <column name>, output: <column name>}")
+        if self.reader == "csv" and self.columns["input"] == self.columns["output"]:
+            raise ValueError(f"columns.input and columns.output both name {self.columns['input']!r}: the answer would "
+                             "be the input itself")
         return self
 
 
@@ -103,8 +138,12 @@ class ModelSpec(Strict):
     trust_remote_code: StrictBool = False  # StrictBool: a quoted "yes" or "false" must not turn into a bool
 
 
+# NumPy's seeds (transformers' set_seed seeds it too) are 0 .. 2**32 - 1.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
 class SplitSpec(Strict):
-    seed: int = 13
+    seed: Seed = 13
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
 
@@ -120,7 +159,7 @@ class AuditSpec(Strict):
 
 
 class LoraSpec(Strict):
-    r: int = Field(16, ge=1)
+    r: int = Field(16, ge=1, le=1024, description="rank: past ~1024 an adapter is no longer low-rank, only large")
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
@@ -182,7 +221,7 @@ class TrainSpec(Strict):
     eval_rows: int = Field(32, ge=1)
     early_stopping_patience: int = Field(3, ge=1)
     checkpoint_every: int = Field(48, ge=1)
-    seed: int = 13
+    seed: Seed = 13
     num_processes: int = Field(1, ge=1, description=">1: the notebook runs `accelerate launch` on that many GPUs (DDP)")
     accelerate_config: str = Field(
         "", description="optional `accelerate config` file passed to `accelerate launch --config_file` (FSDP, several "
@@ -201,8 +240,30 @@ class EvaluateSpec(Strict):
                                "(tuned_free_* metrics); false saves that generation pass")
 
 
+# The types llama.cpp's quantizer takes (core/quantize.py looks each up as llama_cpp.LLAMA_FTYPE_MOSTLY_<type>), as
+# llama-cpp-python 0.3.36 names them. Written out rather than read from llama_cpp: every stage loads params, and
+# training should not load llama.cpp's native libraries for it. tests/test_params.py checks the list against llama_cpp.
+LLAMA_QUANTIZATION_TYPES = frozenset({
+    "BF16", "F16", "IQ1_M", "IQ1_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS",
+    "IQ4_NL", "IQ4_XS", "MXFP4_MOE", "NVFP4", "Q1_0", "Q2_0", "Q2_K", "Q2_K_S", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q4_0",
+    "Q4_1", "Q4_K_M", "Q4_K_S", "Q5_0", "Q5_1", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "TQ1_0", "TQ2_0",
+})
+
+
+def _llama_quantization(name: str) -> str:
+    """Refused when params.yaml loads, not when the export stage reaches it after training."""
+    if name not in LLAMA_QUANTIZATION_TYPES:
+        raise ValueError(f"{name!r} is not a type llama.cpp's quantizer knows; use one of "
+                         f"{sorted(LLAMA_QUANTIZATION_TYPES)}")
+    return name
+
+
+QuantizationType = Annotated[str, AfterValidator(_llama_quantization)]
+
+
 class ExportSpec(Strict):
-    quantizations: list[str] = Field(default_factory=lambda: ["Q8_0", "Q4_K_M"], description="llama.cpp types, e.g. Q8_0, Q4_K_M")
+    quantizations: list[QuantizationType] = Field(
+        default_factory=lambda: ["Q8_0", "Q4_K_M"], min_length=1, description="llama.cpp types, e.g. Q8_0, Q4_K_M")
     max_rows: int = Field(80, ge=0, description="test rows each GGUF answers (0: all)")
     parity_rows: int = Field(24, ge=1, description="test rows for next-token agreement and KL")
     gate_quantization: str = Field("smallest", description="'smallest': the gate vouches for (and serve runs) the "
@@ -215,9 +276,16 @@ class ExportSpec(Strict):
                                           "matrix (for the report; not kept)")
     tensor_types: dict[str, str] = Field(default_factory=dict, description="per-tensor type overrides for every "
                                          "quantization: regex over GGUF tensor names -> ggml type")
-    base_quantization: str = Field("Q8_0", description="type of the base GGUF the task adapters run over "
+    base_quantization: QuantizationType = Field("Q8_0", description="type of the base GGUF the task adapters run over "
                                    "(`tuneforge serve` without --task)")
     n_threads: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _each_quantization_once(self) -> ExportSpec:
+        repeated = sorted({q for q in self.quantizations if self.quantizations.count(q) > 1})
+        if repeated:
+            raise ValueError(f"export.quantizations lists {repeated} more than once")
+        return self
 
     @model_validator(mode="after")
     def _gate_is_exported(self) -> ExportSpec:
@@ -240,7 +308,7 @@ class SweepSpec(Strict):
 
     method: Literal["grid", "random"] = Field("grid", description="grid: every combination; random: `samples` of them")
     samples: int = Field(4, ge=1, description="random: how many distinct combinations to run")
-    seed: int = Field(13, description="random: which combinations")
+    seed: Seed = Field(13, description="random: which combinations")
     name: str = Field("sweep", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="experiment name prefix: <name>-<i>")
     targets: list[str] = Field(default_factory=list, description="stages each experiment reproduces; empty: all")
     metric: str = Field(description="what 'best' means, as <metrics file>:<name>, e.g. metrics/address_json/eval.json:tuned_micro_f1")
@@ -269,8 +337,15 @@ class SweepSpec(Strict):
             return grid
         return random.Random(self.seed).sample(grid, min(self.samples, len(grid)))
 
-
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# Folders other stages write beside the per-task ones (models/<task>, reports/<task>): a task of that name would
+# share one with another stage's output, and DVC then refuses the whole pipeline (overlapping outputs).
+# tests/test_params.py checks the list against dvc.yaml.
+RESERVED_TASK_NAMES = {
+    "base": "models/base, the base_model stage's output",
+    "base_gguf": "models/base_gguf, the base_gguf stage's output",
+    "model_cards": "reports/model_cards, the index stage's output",
+}
 
 
 class Params(Strict):
@@ -322,10 +397,17 @@ class Params(Strict):
     def _task_names_are_identifiers(cls, tasks: object) -> object:
         # A task name becomes a folder name (data/processed/<task>) and a word on a DVC command line:
         # checked before the specs, so `../x` is named as a bad name whatever its settings.
-        bad = [name for name in tasks if not (isinstance(name, str) and TASK_NAME.fullmatch(name))] if isinstance(tasks, dict) else []
+        if not isinstance(tasks, dict):
+            return tasks  # pydantic names the wrong type
+        bad = [name for name in tasks if not (isinstance(name, str) and TASK_NAME.fullmatch(name))]
         if bad:
             raise ValueError(f"task name(s) {bad} must match {TASK_NAME.pattern}: letters, digits, '_' and '-', "
                              "starting with a letter or digit, at most 64 characters")
+        for name in tasks:
+            # casefolded: on macOS' and Windows' file systems `Base` is the folder `base`
+            if (taken := RESERVED_TASK_NAMES.get(name.casefold())) is not None:
+                raise ValueError(f"task name {name!r} is taken: the task's folders would overlap {taken}; "
+                                 "name the task otherwise")
         return tasks
 
     def task(self, name: str) -> TaskSpec:
