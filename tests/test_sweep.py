@@ -1,14 +1,26 @@
 """Sweeps: the `sweep` section's validation, and a real 2-point sweep through DVC's queue in a repository copy."""
 
+import itertools
 import json
+import random
 import re
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import copy_repo
 from tests.test_pipeline import commit, dvc, set_params
-from tuneforge.core.params import Params, ParamsError, SweepSpec, load_params, only_tasks
+from tuneforge.core.params import (
+    MAX_SWEEP_POINTS,
+    Params,
+    ParamsError,
+    SweepSpec,
+    load_params,
+    load_params_text,
+    only_tasks,
+)
 from tuneforge.sweep import format_value, queue_commands
 
 METRIC = "metrics/address_json/eval.json:tuned_micro_f1"
@@ -22,6 +34,52 @@ def test_grid_and_random_points():
     assert sample.points() == again.points() and len(sample.points()) == 4
     assert all(p in grid.points() for p in sample.points())
     assert len({json.dumps(p, sort_keys=True) for p in sample.points()}) == 4  # no combination twice
+
+
+# Seven settings of ten values each, six of them one YAML alias: a 10^7-point grid in a few lines.
+TEN_MILLION = {f"train.{name}": list(range(1, 11)) for name in
+               ("seed", "eval_rows", "eval_every", "batch_size", "max_steps", "grad_accum", "checkpoint_every")}
+ALIASED_SWEEP = """
+sweep:
+  metric: metrics/address_json/eval.json:tuned_micro_f1
+  settings:
+    train.seed: &ten [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    train.eval_rows: *ten
+    train.eval_every: *ten
+    train.batch_size: *ten
+    train.max_steps: *ten
+    train.grad_accum: *ten
+    train.checkpoint_every: *ten
+"""
+
+
+def test_a_grid_past_the_cap_is_refused_before_it_is_built(repo_root):
+    text = (repo_root / "params.yaml").read_text().split("\nsweep:")[0] + ALIASED_SWEEP
+    started = time.perf_counter()
+    with pytest.raises(ParamsError, match=r"sweep: .*a grid of 10,000,000 combinations \(10 x 10 x 10 x 10 x 10 x 10 x "
+                                          r"10\), one experiment each; at most 1,000"):
+        load_params_text(text, Path("params.yaml"))
+    assert time.perf_counter() - started < 5  # building the grid took 21.8 s before failing
+    at_cap = SweepSpec(metric=METRIC, settings={"train.seed": list(range(10)), "train.eval_rows": list(range(1, 11)),
+                                                "train.eval_every": list(range(1, 11))})
+    assert len(at_cap.points()) == MAX_SWEEP_POINTS
+    with pytest.raises(ValueError, match="samples\n  Input should be less than or equal to 1000"):
+        SweepSpec(metric=METRIC, method="random", samples=MAX_SWEEP_POINTS + 1, settings=TEN_MILLION)
+
+
+def test_random_draws_from_a_large_grid_without_building_it():
+    started = time.perf_counter()
+    points = SweepSpec(metric=METRIC, method="random", samples=4, seed=1, settings=TEN_MILLION).points()
+    assert time.perf_counter() - started < 5
+    assert len({json.dumps(p, sort_keys=True) for p in points}) == 4
+    assert all(list(p) == list(TEN_MILLION) and all(1 <= v <= 10 for v in p.values()) for p in points)
+    # the same combinations a seeded random.sample draws from the built grid, as sweeps chose them before
+    settings = {"train.learning_rate": [1e-3, 2e-3, 3e-3], "train.lora.r": [8, 16, 32, 64], "train.seed": [1, 2]}
+    built = [dict(zip(settings, combo)) for combo in itertools.product(*settings.values())]
+    for seed in range(5):
+        spec = SweepSpec(metric=METRIC, method="random", samples=5, seed=seed, settings=settings)
+        assert spec.points() == random.Random(seed).sample(built, 5)
+    assert SweepSpec(metric=METRIC, settings=settings).points() == built
 
 
 @pytest.mark.parametrize("key, message", [

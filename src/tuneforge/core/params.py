@@ -6,9 +6,10 @@ surfacing later as a KeyError deep inside a notebook.
 
 from __future__ import annotations
 
-import itertools
+import math
 import random
 import re
+import sys
 import unicodedata
 from collections.abc import Hashable
 from pathlib import Path
@@ -303,11 +304,16 @@ class DriftSpec(Strict):
     max_rows: int = Field(300, ge=1, description="judge the most recent requests only")
 
 
+# Each sweep point is one DVC experiment, minutes to hours of training: past this many a sweep is a mistake (YAML
+# aliases make a 10^7-point grid in a few lines), refused before any combination is built.
+MAX_SWEEP_POINTS = 1000
+
+
 class SweepSpec(Strict):
     """`tuneforge sweep`: DVC experiments over named settings, and the page comparing them."""
 
     method: Literal["grid", "random"] = Field("grid", description="grid: every combination; random: `samples` of them")
-    samples: int = Field(4, ge=1, description="random: how many distinct combinations to run")
+    samples: int = Field(4, ge=1, le=MAX_SWEEP_POINTS, description="random: how many distinct combinations to run")
     seed: Seed = Field(13, description="random: which combinations")
     name: str = Field("sweep", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="experiment name prefix: <name>-<i>")
     targets: list[str] = Field(default_factory=list, description="stages each experiment reproduces; empty: all")
@@ -329,13 +335,38 @@ class SweepSpec(Strict):
             raise ValueError(f"sweep.metric {self.metric!r}: write <metrics file>:<name>")
         return self
 
+    @model_validator(mode="after")
+    def _grid_is_runnable(self) -> SweepSpec:
+        size = self.grid_size()
+        axes = " x ".join(str(len(values)) for values in self.settings.values())
+        if self.method == "grid" and size > MAX_SWEEP_POINTS:
+            raise ValueError(f"sweep.settings make a grid of {size:,} combinations ({axes}), one experiment each; at "
+                             f"most {MAX_SWEEP_POINTS:,}: try fewer values, or method: random with `samples`")
+        if size > sys.maxsize:  # random.sample draws indices below len(range(size)), a C ssize_t
+            raise ValueError(f"sweep.settings make a grid of {size:,} combinations ({axes}), too many to draw from")
+        return self
+
+    def grid_size(self) -> int:
+        return math.prod(len(values) for values in self.settings.values())
+
     def points(self) -> list[dict[str, Any]]:
-        """The combinations to run, in a stable order (grid: row-major; random: seeded draw without repeats)."""
-        keys = list(self.settings)
-        grid = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*self.settings.values())]
+        """The combinations to run, in a stable order (grid: row-major; random: seeded draw without repeats).
+
+        Built from their indices in the grid, never the whole grid: a random draw from a large grid costs only
+        its samples (the same draw random.sample makes from the built grid)."""
+        size = self.grid_size()
         if self.method == "grid":
-            return grid
-        return random.Random(self.seed).sample(grid, min(self.samples, len(grid)))
+            return [self.point(i) for i in range(size)]
+        return [self.point(i) for i in random.Random(self.seed).sample(range(size), min(self.samples, size))]
+
+    def point(self, index: int) -> dict[str, Any]:
+        """The grid's combination at `index`, row-major (the last setting varies fastest, as itertools.product)."""
+        values = {}
+        for key, options in reversed(self.settings.items()):
+            index, position = divmod(index, len(options))
+            values[key] = options[position]
+        return {key: values[key] for key in self.settings}
+
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # Folders other stages write beside the per-task ones (models/<task>, reports/<task>): a task of that name would
