@@ -16,13 +16,13 @@ ROWS = [{"model": "HF", "size_mb": 517, "delta": 0.0, "top1_agreement": 1.0},
 
 
 def test_the_smallest_passing_file_is_served():
-    served, failures, notes = gate(ROWS, "micro_f1", ExportSpec())
+    served, failures, notes = gate(ROWS, "micro_f1", ExportSpec(max_metric_drop=0.01))
     assert served == "Q4_K_M" and not failures and not notes
 
 
 def test_a_file_short_of_either_bar_falls_back_and_says_by_how_much():
     rows = [*ROWS[:3], row("Q4_K_M", 105, -0.025, 0.93)]
-    served, failures, notes = gate(rows, "micro_f1", ExportSpec())
+    served, failures, notes = gate(rows, "micro_f1", ExportSpec(max_metric_drop=0.01))
     assert served == "Q8_0" and not failures
     assert notes == [("Q4_K_M (105 MB) does not pass: micro_f1 0.025 below the f16 file's, the fp32 HF model's twin "
                       "(allowed 0.01); top-1 agreement 0.930 < 0.95 (short by 0.020)")]
@@ -30,7 +30,7 @@ def test_a_file_short_of_either_bar_falls_back_and_says_by_how_much():
 
 def test_no_passing_file_fails_the_gate():
     rows = [*ROWS[:2], row("Q8_0", 145, -0.02, 0.99), row("Q4_K_M", 105, -0.04, 0.9)]
-    served, failures, _ = gate(rows, "micro_f1", ExportSpec())
+    served, failures, _ = gate(rows, "micro_f1", ExportSpec(max_metric_drop=0.01))
     assert served is None and len(failures) == 2 and failures[0].startswith("Q4_K_M")
 
 
