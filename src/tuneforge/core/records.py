@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from pathlib import Path
+
+# Invisible characters that split a word without showing: zero-width space, non-joiner, joiner, word joiner, BOM.
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+
+
+def folded(text: str) -> str:
+    """text as a reader sees it: NFKC (composed and decomposed accents, fullwidth letters, ligatures become one
+    form), zero-width characters removed, case folded, whitespace collapsed. Punctuation stays."""
+    return " ".join(unicodedata.normalize("NFKC", text).translate(_ZERO_WIDTH).casefold().split())
 
 
 def normalise(text: str) -> str:
-    """Lower case, punctuation to spaces, whitespace collapsed: "I'm home." == "i m home"."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+    """folded, and punctuation to spaces: "I'm home." == "i m home" == "Ｉ'm ho\u200bme."."""
+    return " ".join(re.sub(r"[^\w\s]", " ", folded(text)).split())
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
