@@ -49,6 +49,10 @@ def answer_problem(answer: str, output: OutputSpec) -> str:
         obj = json.loads(answer)
     except json.JSONDecodeError:
         return "answer is not valid JSON"
+    except RecursionError:
+        return "answer is JSON nested too deeply for the parser (Python's recursion limit)"
+    except ValueError as err:  # int("1" * 5000): "Exceeds the limit (4300 digits) for integer string conversion"
+        return f"answer holds an unreadable JSON number: {err}"
     if not isinstance(obj, dict) or not obj:
         return "answer is not a non-empty JSON object"
     extra = sorted(set(obj) - set(output.allowed_keys))
@@ -57,6 +61,17 @@ def answer_problem(answer: str, output: OutputSpec) -> str:
     if not all(isinstance(v, str) for v in obj.values()):
         return "answer values must be strings"
     return ""
+
+
+def canonical_answer(answer: str, output: OutputSpec) -> str:
+    """A valid answer (answer_problem is '') in the one form decoding produces, so training teaches that form.
+
+    The json_object grammar (constraints.grammar_for) allows no whitespace around the object and a raw character
+    anywhere in a string but DEL: json.dumps' default form, as the readers write it. An answer wrapped in blanks or
+    newlines would teach the model text that constrained decoding can never emit."""
+    if output.kind == "label":
+        return answer
+    return json.dumps(json.loads(answer), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def answer_is_valid(output: str, spec: OutputSpec) -> bool:
