@@ -14,10 +14,11 @@ import io
 import json
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tuneforge.core.chat import special_tokens_in
 from tuneforge.core.params import TaskSpec
 
 ROLES = ("system", "user", "assistant")
@@ -28,7 +29,7 @@ class Record:
     messages: list[dict[str, str]]
     source: str  # "file:line"
     id: str = ""
-    given_id: str | None = None  # an id the raw row carried, checked for duplicates
+    given_id: object = None  # the id the raw row carried, any JSON value (1 and "1" differ), checked for duplicates
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -51,17 +52,31 @@ class Record:
     def line(self) -> int:
         return int(self.source.rsplit(":", 1)[1])
 
-    def problem(self) -> str:
-        """Why the conversation cannot be trained on, whatever its format, or ''."""
+    def problem(self, specials: Collection[str] = ()) -> str:
+        """Why the conversation cannot be trained on, whatever its format, or ''.
+
+        specials: the base model's special-token strings (chat.special_token_strings); a message holding one would
+        render as the chat template's turn markers, so a user turn could forge a system turn or an answer."""
         roles = [m["role"] for m in self.messages]
         if not all(_is_utf8(m["content"]) for m in self.messages):
             return "a message holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)"
+        for m in self.messages:
+            if found := special_tokens_in(m["content"], specials):
+                return (f"chat-template special token(s) in the {m['role']} message: {found} would render as turn "
+                        "markers, forging turns the data does not have")
         if "system" in roles[1:]:
             return f"system message at position {roles.index('system', 1)}: only the first message may be the system prompt"
         if "user" not in roles:
             return "no user message"
         if any(not m["content"].strip() for m in self.messages if m["role"] == "user"):
             return "empty input (a user message is blank)"
+        turns = roles[1:] if roles[0] == "system" else roles
+        if turns[0] != "user":
+            return "the conversation opens with an assistant turn: after an optional system prompt, the user speaks first"
+        for previous, current in zip(turns, turns[1:]):
+            if previous == current:
+                # chat.render trains every assistant turn: a second one in a row is an answer to no question
+                return f"two {current} turns in a row: after an optional system prompt, turns must alternate user, assistant"
         return ""
 
     def to_json(self) -> dict:
@@ -105,22 +120,54 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None, bytes]]:
             yield number, None, raw[max(0, err.start - 20) : err.end + 20]
 
 
-def _jsonl_objects(path: Path, rel: str) -> Iterator[tuple[int, dict] | Rejected]:
+class DuplicateKeyError(ValueError):
+    def __init__(self, key: str):
+        super().__init__(f"duplicate key {key!r}")
+
+
+def object_without_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object_pairs_hook: a key given twice is an error, not "the last one wins" silently."""
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKeyError(key)
+        obj[key] = value
+    return obj
+
+
+def json_line_problem(text: str) -> tuple[object, str]:
+    """(the JSON value of one line, "") or (None, why it cannot be read).
+
+    Beyond malformed JSON: a key given twice, an array nested past Python's recursion limit, and an integer over
+    its 4,300-digit conversion limit each raise something other than JSONDecodeError; all are one bad line."""
+    try:
+        return json.loads(text, object_pairs_hook=object_without_duplicate_keys), ""
+    except json.JSONDecodeError as err:
+        return None, f"malformed JSON: {err.msg} at column {err.colno}"
+    except DuplicateKeyError as err:
+        return None, f"{err}: which of its values is meant is unknown"
+    except RecursionError:
+        return None, "JSON nested too deeply for the parser (Python's recursion limit)"
+    except ValueError as err:  # int("1" * 5000): "Exceeds the limit (4300 digits) for integer string conversion"
+        return None, f"unreadable JSON number: {err}"
+
+
+def _jsonl_objects(path: Path, rel: str) -> Iterator[tuple[int, dict, str] | Rejected]:
+    """(line number, object, the line as written) for each record line, or a Rejected."""
     for number, text, raw in _decoded_lines(path):
         if text is None:
             yield Rejected(rel, number, "not valid UTF-8", repr(raw))
             continue
         if not text.strip():
             continue  # blank lines carry no record
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            yield Rejected(rel, number, f"malformed JSON: {err.msg} at column {err.colno}", text)
+        obj, problem = json_line_problem(text)
+        if problem:
+            yield Rejected(rel, number, problem, text)
             continue
         if not isinstance(obj, dict):
             yield Rejected(rel, number, f"expected a JSON object, got {type(obj).__name__}", text)
             continue
-        yield number, obj
+        yield number, obj, text
 
 
 def _string_fields(obj: dict, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> tuple[dict[str, str], str]:
@@ -144,13 +191,12 @@ def _read_jsonl_records(path: Path, rel: str, to_messages) -> Iterator[Record | 
         if isinstance(item, Rejected):
             yield item
             continue
-        number, obj = item
+        number, obj, text = item
         messages, problem = to_messages(obj)
         if problem:
-            yield Rejected(rel, number, problem, json.dumps(obj)[:500])
+            yield Rejected(rel, number, problem, text)
             continue
-        given = obj.get("id")
-        yield Record(messages, f"{rel}:{number}", given_id=None if given is None else str(given))
+        yield Record(messages, f"{rel}:{number}", given_id=obj.get("id"))
 
 
 def read_chat_jsonl(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
@@ -195,11 +241,12 @@ def read_prompt_completion_jsonl(path: Path, rel: str, task: TaskSpec) -> Iterat
 def read_csv(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
     """A CSV with a header row; the task's `columns` name the input and output columns.
 
-    Parsed strictly, one record at a time from a known line: a quote that never closes, or closes mid-field,
-    rejects the record at the line where it opened and parsing resumes on the next line, so the rows after
-    it are not swallowed into one field. A field over the csv module's limit (131,072 characters) is rejected
-    the same way, and so is a record that is not UTF-8. Quoted fields may still span lines: their record is
-    reported at the line it starts on. A header without the task's columns rejects the file as one entry.
+    Parsed strictly, one record at a time from a known line. A malformed record (a quote that closes mid-field, a
+    field over the csv module's limit of 131,072 characters) is rejected whole, every line up to the quote that
+    ends it, so no fragment of it is read as a row (_broken_record_end). A quote that never closes rejects only
+    its own line, and parsing resumes on the next, so the rows after it are not swallowed into one field. A record
+    that is not UTF-8 is rejected too. Quoted fields may still span lines: their record is reported at the line it
+    starts on. A header without the task's columns rejects the file as one entry.
     """
     # surrogateescape keeps undecodable bytes as lone surrogates, so only the records holding them are rejected
     text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
@@ -243,17 +290,49 @@ def _csv_rows(lines: list[str], rel: str) -> Iterator[tuple[int, list[str]] | Re
         try:
             values = next(reader)
         except csv.Error as err:
-            end = i + reader.line_num
-            where = "" if end == i + 1 else f" (the parser gave up at line {end})"
-            yield Rejected(rel, i + 1, f"malformed CSV record: {err}{where}; a quote opened here may never close",
-                           lines[i])
-            i += 1
+            last = _broken_record_end(lines, i)
+            if last is None:
+                yield Rejected(rel, i + 1, f"malformed CSV record: {err}; a quote opened on this line never closes, "
+                               "so the lines after it are read as records of their own", lines[i])
+                i += 1
+            else:
+                span = f"; lines {i + 1}-{last + 1} are one record (its quoted field closes on line {last + 1}), " \
+                       "quarantined whole" if last > i else ""
+                yield Rejected(rel, i + 1, f"malformed CSV record: {err}{span}", "".join(lines[i : last + 1]))
+                i = last + 1
             continue
         start, i = i, i + reader.line_num
         if not _is_utf8("".join(values)):
             yield Rejected(rel, start + 1, "not valid UTF-8", "".join(lines[start:i]))
             continue
         yield start + 1, values
+
+
+def _broken_record_end(lines: list[str], start: int) -> int | None:
+    """Index of the last line of the malformed record that starts at lines[start], or None when a quote opened in
+    it never closes.
+
+    Read leniently where the strict parser gave up: a quote inside a quoted field that is neither doubled nor
+    followed by a comma or the line end is taken as text, so the field runs on to the quote that really closes it.
+    Resuming on the next line instead would read the rest of the field ('and left",spam') as a row.
+    """
+    quoted = False
+    for n in range(start, len(lines)):
+        line = lines[n]
+        j = line.find('"')
+        while j >= 0:
+            if not quoted:
+                quoted = j == 0 or line[j - 1] == ","  # a quote opens a field only at the field's start
+                j += 1
+            elif line.startswith('""', j):
+                j += 2  # an escaped quote
+            else:
+                quoted = line[j + 1 : j + 2] not in (",", "\r", "\n", "")
+                j += 1
+            j = line.find('"', j)
+        if not quoted:
+            return n
+    return None
 
 
 def _is_utf8(text: str) -> bool:
@@ -375,6 +454,24 @@ READER_FUNCTIONS = {
     "usaddress_xml": read_usaddress_xml,
     "sms_spam_lines": read_sms_spam_lines,
 }
+
+
+def read_repository_source(root: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
+    """read_source on a task's `source`, a path inside the repository at root.
+
+    One that leads outside it (../, an absolute path, a symlink to elsewhere, /proc/self/environ) is refused unread:
+    the quarantine file and the audit report copy rejected lines, and must never show a file from outside."""
+    repository = root.resolve()
+    try:
+        resolved = (root / rel).resolve(strict=False)
+    except (OSError, RuntimeError) as err:  # a symlink loop: RuntimeError before Python 3.13, OSError since
+        yield Rejected(rel, 0, f"`source` cannot be resolved: {err}")
+        return
+    if not resolved.is_relative_to(repository):
+        yield Rejected(rel, 0, f"`source` leads outside the repository (to {resolved}): only files inside "
+                               f"{repository} are read")
+        return
+    yield from read_source(root / rel, rel, task)
 
 
 def read_source(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
