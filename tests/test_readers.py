@@ -7,6 +7,7 @@ import pytest
 
 from tuneforge.core.params import OutputSpec, SplitSpec, TaskSpec, load_params
 from tuneforge.core.readers import Record, Rejected, content_id, read_source
+from tuneforge.core.records import normalise
 from tuneforge.stages.prepare import prepare, split_of
 
 LABELS = OutputSpec(kind="label", labels=["spam", "ham"])
@@ -149,3 +150,23 @@ def test_params_errors_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match="not a label metric"):
         TaskSpec(source="x", reader="csv", columns={"input": "a", "output": "b"}, primary_metric="micro_f1",
                  output=LABELS)
+
+
+def test_unicode_look_alikes_are_one_input_for_splits_and_conflicts(tmp_path):
+    """Issue 26 D15: NFC and NFD, fullwidth and zero-width forms of one input were all kept with different labels,
+    and NFC and NFD landed in different splits."""
+    import unicodedata
+
+    nfc, nfd = "Café au lait at noon", unicodedata.normalize("NFD", "Café au lait at noon")
+    fullwidth = "".join(chr(ord(c) + 0xFEE0) for c in "WIN") + " a prize"
+    rows = [{"prompt": nfc, "completion": "ham"}, {"prompt": nfd, "completion": "spam"},        # 1 kept, 2 conflicts
+            {"prompt": "WIN a prize", "completion": "spam"}, {"prompt": fullwidth, "completion": "ham"},  # 3, 4
+            {"prompt": "free\u200bcall", "completion": "spam"}, {"prompt": "freecall", "completion": "ham"},  # 5, 6
+            {"prompt": nfd, "completion": "ham"}]                                               # 7 agrees with 1
+    (tmp_path / "u.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    out = prepare(task("prompt_completion_jsonl", source="u.jsonl"), SplitSpec(), tmp_path)
+    reasons = {r.line: r.reason for r in out.rejected}
+    assert sorted(reasons) == [2, 4, 6] and all("with a different answer" in reason for reason in reasons.values())
+    split_of_line = {r.line: name for name, rows in out.splits.items() for r in rows}
+    assert sorted(split_of_line) == [1, 3, 5, 7] and split_of_line[1] == split_of_line[7]
+    assert len({normalise(text) for text in ("cafe\u0301 x", "café x", "CAFÉ X", "caf\u200bé x", "ｃａｆé x")}) == 1

@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneforge.core.outputs import answer_problem
-from tuneforge.core.params import SplitSpec, TaskSpec
-from tuneforge.core.readers import Record, Rejected, read_source
-from tuneforge.core.records import normalise, write_jsonl
+from tuneforge.core.outputs import answer_problem, canonical_answer
+from tuneforge.core.params import OutputSpec, SplitSpec, TaskSpec
+from tuneforge.core.readers import Record, Rejected, read_repository_source
+from tuneforge.core.records import folded, normalise, write_jsonl
 
 SPLITS = ("train", "validation", "test")
 
@@ -41,8 +42,8 @@ class Prepared:
 def split_of(group_key: str, split: SplitSpec, production_fraction: float) -> str:
     """Deterministic split from a hash: stable when rows are added or reordered.
 
-    The key is the normalised input, so inputs that differ only in case or
-    punctuation share a split and cannot leak from train into test.
+    The key is the normalised input, so inputs that differ only in case, punctuation or Unicode form (NFC/NFD,
+    fullwidth, zero-width characters) share a split and cannot leak from train into test.
     """
     digest = hashlib.sha256(f"{split.seed}:{group_key}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
@@ -56,21 +57,32 @@ def split_of(group_key: str, split: SplitSpec, production_fraction: float) -> st
     return "train"
 
 
-def prepare(task: TaskSpec, split: SplitSpec, root: Path) -> Prepared:
+def base_special_tokens(base_dir: Path) -> list[str]:
+    """The special-token strings of the base model's tokenizer (models/base): the markers its chat template renders
+    turns with, which no training record may hold."""
+    from tuneforge.core.chat import special_token_strings
+    from tuneforge.core.modeling import load_tokenizer  # imports torch: only when the stage asks
+
+    return special_token_strings(load_tokenizer(base_dir))
+
+
+def prepare(task: TaskSpec, split: SplitSpec, root: Path, specials: Collection[str] = ()) -> Prepared:
+    """specials: the base model's special-token strings (base_special_tokens); a record holding one is quarantined.
+    The stage passes them; without them that check is skipped."""
     rel = task.source
     rejected: list[Rejected] = []
     valid: list[Record] = []
     raw_count = 0
-    for item in read_source(root / rel, rel, task):
+    for item in read_repository_source(root, rel, task):
         raw_count += 1
         if isinstance(item, Rejected):
             rejected.append(item)
             continue
-        problem, raw = record_problem(item, task)
+        problem, raw = record_problem(item, task, specials)
         if problem:
             rejected.append(Rejected(rel, item.line, problem, raw))
             continue
-        valid.append(item)
+        valid.append(with_canonical_answers(item, task.output))
 
     seen_given_ids: dict[str, str] = {}
     by_id: dict[str, Record] = {}
@@ -79,21 +91,23 @@ def prepare(task: TaskSpec, split: SplitSpec, root: Path) -> Prepared:
     for record in valid:
         file, line = record.source.rsplit(":", 1)
         if record.given_id is not None:
-            if record.given_id in seen_given_ids:
-                rejected.append(Rejected(file, int(line), f"duplicated id {record.given_id!r} (first at {seen_given_ids[record.given_id]})"))
+            given_id = json.dumps(record.given_id)  # its JSON text: the id 1 and the id "1" are two ids
+            if given_id in seen_given_ids:
+                rejected.append(Rejected(file, int(line), f"duplicated id {record.given_id!r} (first at {seen_given_ids[given_id]})"))
                 continue
-            seen_given_ids[record.given_id] = record.source
+            seen_given_ids[given_id] = record.source
         if record.id in by_id:
             duplicates.append((by_id[record.id].source, record.source))
             continue
-        # Inputs that differ only in case or spacing are one input to a model: two answers for it teach a
-        # coin toss. Answers are compared the same way, so JSON values copied from a differently capitalised
-        # input ("MAIN ST" / "Main St") are no conflict. Punctuation stays significant ("# 86" vs "& 86").
-        prompt_key = json.dumps([[m["role"], casefold(m["content"])] for m in record.messages[:-1]])
-        if prompt_key in answer_for_input and casefold(answer_for_input[prompt_key].answer) != casefold(record.answer):
+        # Inputs that differ only in case, spacing or Unicode form (NFC/NFD, fullwidth, zero-width characters) are
+        # one input to a model: two answers for it teach a coin toss. Answers are compared the same way, so JSON
+        # values copied from a differently capitalised input ("MAIN ST" / "Main St") are no conflict. Punctuation
+        # stays significant ("# 86" vs "& 86").
+        prompt_key = json.dumps([[m["role"], folded(m["content"])] for m in record.messages[:-1]])
+        if prompt_key in answer_for_input and folded(answer_for_input[prompt_key].answer) != folded(record.answer):
             first = answer_for_input[prompt_key]
-            rejected.append(Rejected(file, int(line), f"same input as {first.source} (ignoring case and spacing) "
-                                     f"with a different answer", record.answer))
+            rejected.append(Rejected(file, int(line), f"same input as {first.source} (ignoring case, spacing and "
+                                     f"Unicode look-alikes) with a different answer", record.answer))
             continue
         answer_for_input.setdefault(prompt_key, record)
         by_id[record.id] = record
@@ -106,15 +120,11 @@ def prepare(task: TaskSpec, split: SplitSpec, root: Path) -> Prepared:
     return Prepared(splits, rejected, raw_count, duplicates)
 
 
-def casefold(text: str) -> str:
-    return " ".join(text.casefold().split())
-
-
-def record_problem(record: Record, task: TaskSpec) -> tuple[str, str]:
+def record_problem(record: Record, task: TaskSpec, specials: Collection[str] = ()) -> tuple[str, str]:
     """(why the record cannot be trained on, the text at fault), or ("", "").
 
     Every assistant turn is checked, not only the last: chat.render puts loss on each of them."""
-    problem = record.problem()
+    problem = record.problem(specials)
     if problem:
         return problem, record.user_text
     answers = record.answers
@@ -124,6 +134,14 @@ def record_problem(record: Record, task: TaskSpec) -> tuple[str, str]:
             where = f"assistant turn {turn} of {len(answers)}: " if len(answers) > 1 else ""
             return where + problem, answer
     return "", ""
+
+
+def with_canonical_answers(record: Record, output: OutputSpec) -> Record:
+    """The valid record with every answer in the form decoding produces (outputs.canonical_answer); its id is that
+    content's, so answers that differ only in layout are exact duplicates."""
+    messages = [{**m, "content": canonical_answer(m["content"], output)} if m["role"] == "assistant" else m
+                for m in record.messages]
+    return record if messages == record.messages else Record(messages, record.source, given_id=record.given_id)
 
 
 def repeated_keys(answer: str, task: TaskSpec) -> str:
