@@ -551,19 +551,28 @@ def profiles_dir() -> Path:
 
 
 def _key_line(lines: list[str], section: str, key: str, where: Path) -> int:
-    """Index of the one line holding `section: ... key: value` (a key nested one level in a section)."""
-    start = next((i for i, line in enumerate(lines) if re.match(rf"{re.escape(section)}:\s*(#.*)?$", line)), None)
-    if start is None:
+    """Index of the one line holding `key:` inside the top-level `section`, located by ruamel.yaml's parser (which
+    records where each key sits), so comments, flow mappings and quoting never confuse it."""
+    from ruamel.yaml import YAML
+
+    document = YAML().load("".join(lines))
+    mapping = document.get(section) if isinstance(document, dict) else None
+    if not isinstance(mapping, dict):
         raise ParamsError(f"{where}: no section {section!r}")
-    for i in range(start + 1, len(lines)):
-        if re.match(r"[^\s#]", lines[i]):  # the next top-level section
-            break
-        if m := re.match(rf"(\s+){re.escape(key)}:", lines[i]):
-            nxt = lines[i + 1] if i + 1 < len(lines) else ""
-            if nxt.strip() and not nxt.lstrip().startswith("#") and len(nxt) - len(nxt.lstrip()) > len(m.group(1)):
-                raise ParamsError(f"{where}:{i + 1}: {section}.{key} spans several lines; profiles replace one-line settings")
-            return i
-    raise ParamsError(f"{where}: no setting {section}.{key}")
+    if key not in mapping:
+        raise ParamsError(f"{where}: no setting {section}.{key}")
+    keys, sections = list(mapping), list(document)
+    line = mapping.lc.key(key)[0]
+    later = keys.index(key) + 1
+    if later < len(keys):
+        end = mapping.lc.key(keys[later])[0]
+    elif sections.index(section) + 1 < len(sections):
+        end = document.lc.key(sections[sections.index(section) + 1])[0]
+    else:
+        end = len(lines)
+    if any(text.strip() and not text.lstrip().startswith("#") for text in lines[line + 1 : end]):
+        raise ParamsError(f"{where}:{line + 1}: {section}.{key} spans several lines; profiles replace one-line settings")
+    return line
 
 
 def apply_profile(name: str, path: str | Path = "params.yaml") -> list[str]:
