@@ -111,14 +111,12 @@ def require_sweep(params: Params) -> SweepSpec:
 
 
 def queue_status(root: Path) -> dict[str, str]:
-    """{experiment name: Success / Failed / ...} from `dvc queue status` (it has no JSON output)."""
-    out = dvc("queue", "status", root=root).stdout
-    status = {}
-    for line in out.splitlines()[1:]:
-        cells = line.split()
-        if len(cells) >= 3 and cells[-1] in ("Success", "Failed", "Running", "Queued"):
-            status[cells[1]] = cells[-1]
-    return status
+    """{experiment name: Success / Failed / Running / Queued} from DVC's own queue API (what `dvc queue status`
+    prints as a table)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return {entry["name"]: entry["status"] for entry in repo.experiments.celery_queue.status() if entry["name"]}
 
 
 # ---------------------------------------------------------------- results
