@@ -11,7 +11,6 @@ brings the winner's params (and outputs) into it. Recipe trials recorded in benc
 
 from __future__ import annotations
 
-import html
 import json
 import re
 import shlex
@@ -185,83 +184,40 @@ def best_run(runs: list[Run], spec: SweepSpec) -> Run | None:
 
 # ---------------------------------------------------------------- report
 
-STYLE = """
-body{font-family:system-ui,sans-serif;margin:2rem;max-width:80rem;color:#222}
-table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}
-th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}
-th{background:#f3f3f3}
-td.l,th.l{text-align:left}
-tr.best td{background:#dff5dd;font-weight:600}
-tr.failed td{color:#a00}
-code,pre{background:#f6f6f6;padding:.1rem .3rem}
-.note{color:#555;font-size:.9rem}
-"""
 
-
-def fmt(value: Any) -> str:
+def cell(value: Any) -> str:
+    """A table cell's text (the template escapes it)."""
     if value is None:
         return "–"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, dict)):
-        return html.escape(json.dumps(value))
-    return html.escape(str(value))
+        return json.dumps(value)
+    return str(value)
 
 
-def sweep_table(runs: list[Run], spec: SweepSpec, best: Run | None) -> str:
-    metric_file = spec.metric.split(":", 1)[0]
-    metric_keys = sorted({k for r in runs for k in r.metrics if k.startswith(metric_file + ":")},
-                         key=lambda k: (k != spec.metric, k))
-    head = ["experiment", "status", *spec.settings, *(k.split(":", 1)[1] for k in metric_keys)]
-    lines = ["<table><tr>" + "".join(f'<th class="l">{html.escape(h)}</th>' if i < 2 else f"<th>{html.escape(h)}</th>"
-                                      for i, h in enumerate(head)) + "</tr>"]
-    for run in runs:
-        css = "best" if best is not None and run.name == best.name else ("" if run.ok else "failed")
-        cells = [f'<td class="l">{html.escape(run.name)}</td>', f'<td class="l">{html.escape(run.status)}</td>']
-        cells += [f"<td>{fmt(run.settings.get(k))}</td>" for k in spec.settings]
-        cells += [f"<td>{fmt(run.metrics.get(k))}</td>" for k in metric_keys]
-        lines.append(f'<tr class="{css}">' + "".join(cells) + "</tr>")
-    return "\n".join(lines) + "</table>"
-
-
-def trials_section(root: Path) -> str:
-    """benchmarks/recipe_trials.json: the short CPU trials the default recipe was chosen from."""
+def trial_tables(root: Path) -> list[dict]:
+    """benchmarks/recipe_trials.json, a table a task: the short CPU trials the default recipe was chosen from."""
     path = root / TRIALS
     if not path.exists():
-        return ""
+        return []
     trials = json.loads(path.read_text())
-    parts = ["<h2>Recipe trials on this CPU</h2>",
-             "<p class='note'>Short trainings through the training stage's <code>train_task</code>, scored on the first "
-             "test rows (<code>python benchmarks/recipe_trials.py</code>; raw rows in "
-             f"<code>{TRIALS}</code>). Wall times ran on a shared 2-core machine: read them with the load average. "
-             "The best trial of each task by its primary metric is highlighted.</p>"]
+    tables = []
     for task in sorted({t["task"] for t in trials}):
         rows = [t for t in trials if t["task"] == task]
         metric = "micro_f1" if any("micro_f1" in score_of(t) for t in rows) else "macro_f1"
-        second = "exact_match" if metric == "micro_f1" else "accuracy"
         best = max(rows, key=lambda t: score_of(t).get(metric, -1))
-        parts.append(f"<h3>{html.escape(task)}</h3><table><tr><th class='l'>trial</th><th class='l'>settings</th>"
-                     "<th>steps</th><th>tokens</th><th>tokens/s</th><th>train s</th><th>load</th><th>best eval loss</th>"
-                     f"<th>decoding</th><th>rows</th><th>{metric}</th><th>{second}</th><th>valid</th></tr>")
-        for t in rows:
-            score, tr = score_of(t), t.get("train", {})
-            valid = score.get("valid_json", score.get("valid_label"))
-            css = ' class="best"' if t is best else ""
-            parts.append(
-                f"<tr{css}><td class='l'>{html.escape(t['label'])}</td><td class='l'>{settings_text(t.get('settings') or {})}</td>"
-                f"<td>{fmt(tr.get('steps'))}</td><td>{fmt(tr.get('tokens_seen'))}</td>"
-                f"<td>{fmt(tr.get('tokens_per_second'))}</td><td>{fmt(tr.get('wall_seconds'))}</td>"
-                f"<td>{fmt(t.get('load_before'))}</td><td>{fmt(tr.get('best_eval_loss'))}</td>"
-                f"<td>{'constrained' if 'eval_constrained' in t else 'free'}</td><td>{fmt(score.get('rows'))}</td>"
-                f"<td>{fmt(score.get(metric))}</td><td>{fmt(score.get(second))}</td><td>{fmt(valid)}</td></tr>")
-            if t.get("note"):
-                parts.append(f"<tr><td></td><td class='l' colspan='12'><span class='note'>{html.escape(t['note'])}</span></td></tr>")
-        parts.append("</table>")
-    return "\n".join(parts)
+        tables.append({"name": task, "metric": metric, "second": "exact_match" if metric == "micro_f1" else "accuracy",
+                       "rows": [{"label": t["label"], "settings": settings_text(t.get("settings") or {}),
+                                 "train": t.get("train", {}), "load_before": t.get("load_before"),
+                                 "decoding": "constrained" if "eval_constrained" in t else "free", "score": score_of(t),
+                                 "valid": score_of(t).get("valid_json", score_of(t).get("valid_label")),
+                                 "note": t.get("note"), "best": t is best} for t in rows]})
+    return tables
 
 
 def settings_text(settings: dict) -> str:
-    return html.escape(", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in settings.items()))
+    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in settings.items())
 
 
 def score_of(trial: dict) -> dict:
@@ -270,35 +226,24 @@ def score_of(trial: dict) -> dict:
 
 
 def write_report(root: Path, spec: SweepSpec | None, status: dict[str, str] | None = None) -> Path:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>tuneforge sweep</title>",
-             f"<style>{STYLE}</style></head><body><h1>Sweep</h1>"]
+    """reports/sweep.html from report/templates/sweep.html.j2 (autoescaped, like the index)."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    runs, best, metric_keys = [], None, []
     if spec is not None:
         runs = list(sweep_rows(root, spec, status if status is not None else queue_status(root)).values())
         best = best_run(runs, spec)
-        how = f"{spec.method}" + (f", {spec.samples} samples, seed {spec.seed}" if spec.method == "random" else "")
-        parts.append(f"<p>{len(runs)} experiment(s) named <code>{html.escape(spec.name)}-&lt;i&gt;</code> ({how}) over "
-                     f"{', '.join(f'<code>{html.escape(k)}</code>' for k in spec.settings)}; each ran "
-                     f"<code>dvc exp run {html.escape(' '.join(spec.targets) or '(all stages)')}</code>. "
-                     f"Best by <code>{html.escape(spec.metric)}</code> "
-                     f"({'higher' if spec.higher_is_better else 'lower'} is better): "
-                     f"<b>{html.escape(best.name) if best else 'none finished'}</b>.</p>")
-        if runs:
-            parts.append(sweep_table(runs, spec, best))
-        else:
-            parts.append("<p class='note'>None of this sweep's experiments exist in this repository yet: "
-                         "<code>tuneforge sweep</code> runs them, one after the other (each trains and evaluates its "
-                         "targets, so expect the targets' usual time per combination).</p>")
-        if best is not None:
-            parts.append("<h2>Adopt the best</h2><pre>"
-                         f"dvc exp apply {html.escape(best.name)}   # its params.yaml and outputs into the workspace\n"
-                         "dvc repro                      # the stages the sweep did not run\n"
-                         "git add -A && git commit -m 'recipe from sweep'</pre>")
-    parts.append(trials_section(root))
-    parts.append("<p class='note'>Rebuild this page: <code>tuneforge sweep</code> (runs the sweep) or "
-                 "<code>tuneforge sweep --report-only</code> (experiments already run).</p></body></html>")
+        metric_file = spec.metric.split(":", 1)[0]
+        metric_keys = sorted({k for r in runs for k in r.metrics if k.startswith(metric_file + ":")},
+                             key=lambda k: (k != spec.metric, k))
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "report" / "templates"),
+                      autoescape=select_autoescape(["html.j2"]), trim_blocks=True, lstrip_blocks=True)
+    env.filters["cell"] = cell
+    page = env.get_template("sweep.html.j2").render(spec=spec, runs=runs, best=best, metric_keys=metric_keys,
+                                                    trials=trial_tables(root), trials_file=TRIALS)
     out = root / REPORT
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts), encoding="utf-8")
+    out.write_text(page, encoding="utf-8")
     return out
 
 
