@@ -162,3 +162,12 @@ def test_params_yaml_sets_what_the_models_default_to(repo_root):
     assert not differ, "the pydantic models' defaults differ from params.yaml:\n" + "\n".join(differ)
     assert len(compared) > 50  # the walk reached every section's settings
     assert not re.search(r"\btasks\.", " ".join(name for name, _, _ in compared))
+
+
+# D21: a source outside the repository is refused when params.yaml loads, before any line of it is read.
+@pytest.mark.parametrize("source", ["../../etc/passwd", "/proc/self/environ", "data/raw/../../../secret.csv",
+                                    "C:\\Users\\x\\data.csv"])
+@pytest.mark.parametrize("field", ["source", "production_source"])
+def test_sources_outside_the_repository_are_refused_by_name(repo_root, field, source):
+    with pytest.raises(ParamsError, match=rf"tasks\.sms_spam\.{field}.*inside the repository"):
+        load_with(repo_root, tasks={"sms_spam": {**spam_task(), field: source}})

@@ -12,7 +12,7 @@ import re
 import sys
 import unicodedata
 from collections.abc import Hashable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -116,6 +116,15 @@ class TaskSpec(Strict):
     production_source: str = Field(
         "", description="optional raw file of real traffic (JSONL with 'text'); used by the drift demo"
     )
+
+    @field_validator("source", "production_source")
+    @classmethod
+    def _inside_the_repository(cls, path: str) -> str:
+        """A data file is named relative to the repository root and stays inside it (the readers also refuse a
+        symlink that leads out): its lines are copied into the quarantine file and the audit report."""
+        if PurePosixPath(path).is_absolute() or PureWindowsPath(path).is_absolute() or ".." in PurePosixPath(path).parts:
+            raise ValueError(f"{path!r} must be a path inside the repository, relative to its root, without '..'")
+        return path
 
     @model_validator(mode="after")
     def _metric_fits_output(self) -> TaskSpec:
