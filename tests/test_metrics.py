@@ -217,3 +217,29 @@ def test_confusion_figure_builds():
         fig.canvas.draw()  # renders without error
     finally:
         plt.close(fig)
+
+
+def test_one_definition_of_a_valid_answer_for_evaluation_and_drift(repo_root):
+    """Evaluation's valid_answer rate and drift's valid/invalid column come from the same contract
+    (outputs.answer_problem): a fenced answer or one with keys outside the schema is scored but not valid."""
+    import pandas as pd
+
+    from tuneforge.core.metrics import score_outputs
+    from tuneforge.core.params import load_params
+    from tuneforge.stages.drift import traffic_frame
+
+    spec = load_params(repo_root / "params.yaml").task("address_json")
+    record = {"messages": [{"role": "user", "content": "1 Main St"},
+                           {"role": "assistant", "content": '{"AddressNumber": "1", "StreetName": "Main"}'}]}
+    answers = ['{"AddressNumber": "1", "StreetName": "Main"}', '```json\n{"AddressNumber": "1"}\n```',
+               ' {"AddressNumber": "1"}', '{"Invented": "1"}', "{}"]
+    scores = score_outputs(spec, [record] * len(answers), answers)
+    assert scores["valid_answer"] == pytest.approx(2 / 5) and scores["valid_json"] == pytest.approx(4 / 5)
+
+    class Tokenizer:  # traffic_frame counts tokens; the validity column is what is checked here
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [t.split() for t in texts]}
+
+    frame = traffic_frame(["1 Main St"] * len(answers), answers, [None] * len(answers), Tokenizer(), spec.output)
+    assert (frame["output_valid"] == "valid").mean() == pytest.approx(scores["valid_answer"])
+    assert isinstance(frame, pd.DataFrame)

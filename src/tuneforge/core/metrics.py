@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tuneforge.core.outputs import INVALID, KINDS, decode_json, parse_object
+from tuneforge.core.outputs import INVALID, KINDS, answer_problem, decode_json, parse_object
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -224,8 +224,10 @@ def confusion_figure(confusion: dict, title: str = "") -> Figure:
 
 
 def score_outputs(task: TaskSpec, records: list[dict], outputs: list[str]) -> dict:
-    """score() for a task's records (user turn = input, last turn = reference)."""
+    """score() for a task's records (user turn = input, last turn = reference), plus valid_answer: the share of
+    answers that fit the task's output contract (outputs.answer_problem, as drift judges served answers)."""
     inputs = [r["messages"][-2]["content"] for r in records]
     references = [r["messages"][-1]["content"] for r in records]
-    return score(task.output.kind, outputs, references, inputs,
-                         allowed_keys=task.output.allowed_keys, labels=task.output.labels)
+    scores = score(task.output.kind, outputs, references, inputs,
+                   allowed_keys=task.output.allowed_keys, labels=task.output.labels)
+    return {**scores, "valid_answer": _rate(sum(not answer_problem(o, task.output) for o in outputs), len(outputs))}

@@ -1,8 +1,10 @@
 """The output-kind contract, in one place: how an answer is parsed, validated and categorised.
 
-json_object: a JSON object over the task's allowed keys with string values (a ```json fence is tolerated).
-label: exactly one of the task's labels (surrounding whitespace ignored).
-Anything else is INVALID.
+A valid answer is what `answer_problem` accepts, the one definition that prepare (training data), evaluation and
+export (the `valid_answer` rate) and drift (valid answers in served traffic) share, and what each kind's grammar
+produces: json_object, a non-empty JSON object over the task's allowed keys with string values; label, exactly one
+of the task's labels. Scoring parses leniently on top of that (a ```json fence, a label in surrounding blanks) so a
+freely decoding model's content still counts; validity does not.
 """
 
 from __future__ import annotations
@@ -72,13 +74,6 @@ def canonical_answer(answer: str, output: OutputSpec) -> str:
     if output.kind == "label":
         return answer
     return json.dumps(json.loads(answer), ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def answer_is_valid(output: str, spec: OutputSpec) -> bool:
-    if spec.kind == "label":
-        return output.strip() in spec.labels
-    obj = parse_object(output)
-    return obj is not None and set(obj) <= set(spec.allowed_keys)
 
 
 def prediction_category(output: str, spec: OutputSpec) -> str:

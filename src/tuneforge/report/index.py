@@ -46,14 +46,16 @@ EMBEDDED_HUB_ID, EMBEDDED_LICENSE = "HuggingFaceTB/SmolLM2-135M-Instruct", "apac
 METRIC_NAMES = {"micro_f1": "micro-F1", "macro_f1": "macro-F1", "exact_match": "exact match", "accuracy": "accuracy",
                 "valid_json": "valid JSON", "valid_label": "valid label", "allowed_keys_only": "allowed keys only",
                 "micro_precision": "micro precision", "micro_recall": "micro recall",
-                "hallucination_rate": "invented values"}
+                "hallucination_rate": "invented values", "valid_answer": "valid answers"}
 # Shares of the test records, shown as percentages; the others (F1, precision, recall) as 0-1 scores.
-SHARES = {"exact_match", "accuracy", "valid_json", "valid_label", "allowed_keys_only", "hallucination_rate",
-          "drift_share", "invalid_fraction", "near_leakage_fraction", "pii_fraction", "over_length_fraction"}
+SHARES = {"exact_match", "accuracy", "valid_json", "valid_label", "valid_answer", "allowed_keys_only",
+          "hallucination_rate", "drift_share", "invalid_fraction", "near_leakage_fraction", "pii_fraction",
+          "over_length_fraction"}
 # The plain-language measure of each output kind: how often the whole answer is right.
 PLAIN = {"json_object": ("exact_match", "gets {share} of the {n} test inputs exactly right"),
          "label": ("accuracy", "labels {share} of the {n} test inputs correctly")}
-VALIDITY = {"json_object": "valid_json", "label": "valid_label"}
+# The share of answers that fit the task's output contract (core.outputs.answer_problem), for every kind.
+VALIDITY = "valid_answer"
 SERIES_COLORS = {"base": "#9aa0a6", "baseline": "#e0a030", "tuned": "#1f6feb"}
 
 
@@ -268,7 +270,7 @@ class TaskReport:
     def chart(self) -> dict:
         """The bar chart: the primary metric, the plain one and answer validity, each as base / classical baseline
         (when evaluated) / tuned, all on a 0-1 scale; the evaluation gate marked on the primary metric."""
-        metrics = list(dict.fromkeys([self.primary, self.plain_metric, VALIDITY[self.spec.output.kind]]))
+        metrics = list(dict.fromkeys([self.primary, self.plain_metric, VALIDITY]))
         groups = []
         for metric in metrics:
             bars = [(who, label, self.eval.get(f"{who}_{metric}")) for who, label in
@@ -381,7 +383,7 @@ class TaskReport:
         meta["pipeline_tag"] = "text-generation"
         meta["tags"] = ["tuneforge", "lora", "gguf", self.name]
         meta["datasets"] = [self.spec.source]
-        measured = [m for m in dict.fromkeys([self.primary, self.plain_metric, VALIDITY[self.spec.output.kind]])
+        measured = [m for m in dict.fromkeys([self.primary, self.plain_metric, VALIDITY])
                     if f"tuned_{m}" in self.eval]
         meta["metrics"] = measured
         if measured:
@@ -429,9 +431,9 @@ class TaskReport:
             half = 1.96 * math.sqrt(max(tuned * (1 - tuned), 1e-9) / n)
             out.append(f"The test split has {n:,} records: {metric_name(self.plain_metric)} {fmt(tuned, self.plain_metric)} "
                        f"is known to about ±{half * 100:.0f} points (95% interval); smaller differences are noise.")
-        valid = ev.get(f"tuned_{VALIDITY[self.spec.output.kind]}")
+        valid = ev.get(f"tuned_{VALIDITY}")
         if valid is not None and valid < 1:
-            out.append(f"{fmt(1 - valid, 'valid_json')} of the fine-tuned model's answers are not a valid "
+            out.append(f"{fmt(1 - valid, VALIDITY)} of the fine-tuned model's answers are not a valid "
                        f"{'JSON object' if self.spec.output.kind == 'json_object' else 'label'}: check answers before use.")
         if ev.get("tuned_hallucination_rate"):
             out.append(f"{fmt(ev['tuned_hallucination_rate'], 'hallucination_rate')} of the values it writes do not "

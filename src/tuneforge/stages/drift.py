@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from tuneforge.core.outputs import answer_is_valid, prediction_category
+from tuneforge.core.outputs import answer_problem, prediction_category
 from tuneforge.core.params import OutputSpec
 
 OTHER = "(other)"
@@ -31,7 +31,7 @@ def traffic_frame(inputs: list[str], outputs: list[str | None], latencies_ms: li
     if inputs and any(o is not None for o in outputs):
         known = [o if o is not None else "" for o in outputs]
         df["output_tokens"] = [len(ids) for ids in tokenizer(known, add_special_tokens=False)["input_ids"]]
-        df["output_valid"] = ["valid" if answer_is_valid(o, spec) else "invalid" for o in known]
+        df["output_valid"] = ["invalid" if answer_problem(o, spec) else "valid" for o in known]
         df["prediction"] = [prediction_category(o, spec) for o in known]
         df.loc[[o is None for o in outputs], ["output_tokens", "output_valid", "prediction"]] = np.nan
     if any(lat is not None for lat in latencies_ms):
