@@ -178,12 +178,75 @@ def test_a_checkpoint_resumes_across_speed_settings_but_not_recipe_changes(tmp_p
             "train.pad_to_multiple_of": 64, "train.checkpoint_every": 7, "train.task_overrides.sms_spam.learning_rate": 1e-5}
     for name, value in same.items():
         assert fingerprint(params.with_settings({name: value}), "address_json", train_file) == before, name
-    for name, value in {"train.learning_rate": 2e-3, "train.lora.r": 4, "train.seed": 1,
+    for name, value in {"train.learning_rate": 2e-3, "train.lora.r": 4, "train.seed": 1, "train.max_grad_norm": 0.5,
                         "train.task_overrides.address_json.epochs": 9.0}.items():
         assert fingerprint(params.with_settings({name: value}), "address_json", train_file) != before, name
     assert fingerprint(params, "sms_spam", train_file) != before
     train_file.write_text('{"input": "a", "output": "c"}\n')
     assert fingerprint(params, "address_json", train_file) != before
+
+
+def test_gradients_are_clipped_to_max_grad_norm_and_their_norm_recorded(tiny_root):
+    """train.max_grad_norm: every step's gradient norm, measured before clipping, goes into the history; the gradient
+    AdamW steps with is scaled down to that norm, and the step still updates the adapter."""
+    from tuneforge.stages.train import setup, train_step, train_task, trainable_state
+
+    params = load_params(tiny_root / "params.yaml")
+    params.train.max_grad_norm = 1e-3  # far below this model's gradient norms (~1 to 10)
+    metrics = train_task("address_json", params)
+    history = pd.read_csv(tiny_root / "metrics/address_json/train_history.csv")
+    assert metrics["max_grad_norm"] == 1e-3 and metrics["steps"] == 4
+    assert np.isnan(history["grad_norm"][0])  # step 0 is the base model: no gradient
+    assert (history["grad_norm"][1:] > 1e-3).all()
+
+    run = setup("address_json", params)
+    before = trainable_state(run.model)
+    _, grad_norm, _ = train_step(run, next(iter(run.loader)), lr=1e-3)
+    assert float(grad_norm) > 1e-3
+    # AdamW's first moment after one step is (1 - beta1) x the gradient it was given: the clipped one.
+    first_moment = torch.stack([s["exp_avg"].float().norm() for s in run.optimizer.state.values()]).norm()
+    assert float(first_moment) == pytest.approx(0.1 * 1e-3, rel=2e-2)
+    after = trainable_state(run.model)
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_training_refuses_data_the_audit_did_not_pass(tmp_path, repo_root, monkeypatch):
+    """dvc.yaml makes the audit's gate_passed a param of the train stage; run_training (the notebook's entry point)
+    reads it and refuses, before loading anything, to train without a passed audit."""
+    from tuneforge.stages.train import check_can_train, run_training
+
+    params = load_params(repo_root / "params.yaml")
+    monkeypatch.setenv("TUNEFORGE_ROOT", str(tmp_path))
+    audit = tmp_path / "metrics/address_json/audit.json"
+    with pytest.raises(FileNotFoundError, match=r"metrics/address_json/audit.json does not exist.*dvc repro audit@address_json"):
+        run_training("address_json", params)
+    audit.parent.mkdir(parents=True)
+    audit.write_text(json.dumps({"gate_passed": False}))
+    with pytest.raises(ValueError, match=r"audit.json says the data audit failed for address_json.*fix the data.*rerun"):
+        run_training("address_json", params)
+    audit.write_text(json.dumps({"gate_passed": True}))
+    check_can_train("address_json", params)
+
+
+def test_accelerate_configs_that_shard_the_model_are_refused(tmp_path, repo_root, monkeypatch):
+    """Validation and saving read each process's whole model, so only DDP is supported (two processes are tested
+    above): an `accelerate config` file asking for FSDP or DeepSpeed is refused before anything is launched."""
+    from tuneforge.stages.train import check_can_train, run_training
+
+    params = load_params(repo_root / "params.yaml").with_settings({"train.accelerate_config": "accelerate.yaml"})
+    monkeypatch.setenv("TUNEFORGE_ROOT", str(tmp_path))
+    (tmp_path / "metrics/address_json").mkdir(parents=True)
+    (tmp_path / "metrics/address_json/audit.json").write_text(json.dumps({"gate_passed": True}))
+    with pytest.raises(FileNotFoundError, match=r"train.accelerate_config: .*accelerate.yaml does not exist"):
+        run_training("address_json", params)
+    for distributed_type in ("FSDP", "DEEPSPEED"):
+        (tmp_path / "accelerate.yaml").write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: {distributed_type}\n"
+                                                  "num_processes: 2\n")
+        with pytest.raises(ValueError, match=rf"distributed_type: {distributed_type}, which the training stage does not "
+                                             r"support.*MULTI_GPU"):
+            run_training("address_json", params)
+    (tmp_path / "accelerate.yaml").write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\n")
+    check_can_train("address_json", params)
 
 
 def set_train(root, n_records: int, **train):

@@ -203,6 +203,9 @@ class TrainSpec(Strict):
     learning_rate: float = Field(3e-3, gt=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(
+        1.0, ge=0, description="gradients clipped to this total norm before each optimizer step (transformers' "
+        "Trainer's default); 0 or null: no clipping. The pre-clip norm goes into train_history.csv")
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(144, ge=0, description="0: run the given epochs")
     batch_size: int = Field(4, ge=1, description="rows (packed sequences) per micro-batch, per process")
@@ -234,8 +237,9 @@ class TrainSpec(Strict):
     seed: Seed = 13
     num_processes: int = Field(1, ge=1, description=">1: the notebook runs `accelerate launch` on that many GPUs (DDP)")
     accelerate_config: str = Field(
-        "", description="optional `accelerate config` file passed to `accelerate launch --config_file` (FSDP, several "
-        "machines); relative to the repository root")
+        "", description="optional `accelerate config` file passed to `accelerate launch --config_file` (several GPUs "
+        "or machines, DDP; a config that shards the model, FSDP or DeepSpeed, is refused); relative to the repository "
+        "root")
     task_overrides: dict[str, TrainOverrides] = Field(
         default_factory=dict, description="per task, settings that replace the ones above for that task's training, "
         "e.g. {sms_spam: {learning_rate: 4.0e-3}}: tasks differ in what recipe suits them")

@@ -1,13 +1,16 @@
 """LoRA / QLoRA fine-tuning: one loop, read top to bottom.
 
-    records -> chat template with loss mask -> packed sequences -> AdamW, warmup + cosine
-    -> validation loss every `eval_every` steps -> best adapter kept, early stopping
-    -> checkpoint every `checkpoint_every` steps (rerun resumes from it)
-    -> on a GPU, decoder layers compiled once the first steps show the run is long enough to pay for it
+    setup: records -> chat template with loss mask -> packed sequences; base + LoRA; AdamW; resume if a checkpoint matches
+    train_step: micro-batches -> token-mean loss -> gradients clipped to `max_grad_norm` -> AdamW, warmup + cosine
+    evaluate: validation loss every `eval_every` steps -> best adapter kept, early stopping
+    save: checkpoint every `checkpoint_every` steps (a rerun resumes from it); at the end the best adapter,
+          train.json (train_metrics) and train_history.csv
+    on a GPU, decoder layers compiled once the first steps show the run is long enough to pay for it
 
 The same code runs on one CPU, one GPU or several GPUs: launched with
 `accelerate launch --num_processes N -m tuneforge.stages.train --task T`, accelerate prepares the
 model (DDP), the optimizer and the DataLoader (each process gets its share of every epoch's steps).
+Sharding the model (FSDP, DeepSpeed) is refused: validation and saving read each process's whole copy.
 """
 
 from __future__ import annotations
@@ -19,12 +22,16 @@ import json
 import math
 import random
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import yaml
 from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
@@ -57,6 +64,9 @@ from tuneforge.core.paths import (
     train_history_file,
 )
 from tuneforge.core.records import read_jsonl, write_metrics
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 # ---------------------------------------------------------------- mode
 
@@ -335,14 +345,84 @@ def load_checkpoint(folder: Path, model, optimizer, expected_fingerprint: str, b
     return state
 
 
-# ---------------------------------------------------------------- the run
+# ---------------------------------------------------------------- refusals, before anything loads
+
+# accelerate's distributed types that shard the weights over the processes. The stage validates through the unwrapped
+# model and saves the adapter without gathering shards: right where every process holds all the weights (DDP, what
+# tests/test_train.py runs over 2 processes), wrong for these.
+SHARDING_DISTRIBUTED_TYPES = frozenset({"FSDP", "DEEPSPEED", "MEGATRON_LM"})
 
 
-def train_task(task: str, params: Params | None = None) -> dict:
-    """Train one task's adapter; returns the metrics also written to metrics/<task>/train.json."""
+def check_distributed_type(distributed_type: str, source: str) -> None:
+    if distributed_type.upper() in SHARDING_DISTRIBUTED_TYPES:
+        raise ValueError(f"{source} sets distributed_type: {distributed_type}, which the training stage does not "
+                         "support: it validates and saves the adapter from each process's whole copy of the model, so "
+                         "only data parallelism trains correctly. Use distributed_type: MULTI_GPU (DDP, on one or "
+                         "several machines), or leave train.accelerate_config empty and set train.num_processes")
+
+
+def check_accelerate_config(config_file: Path) -> None:
+    """Refuse an `accelerate config` file whose distributed_type shards the model, before launching anything."""
+    if not config_file.is_file():
+        raise FileNotFoundError(f"train.accelerate_config: {config_file} does not exist; write it with `accelerate config`")
+    config = yaml.safe_load(config_file.read_text()) or {}
+    check_distributed_type(str(config.get("distributed_type", "NO")), str(config_file))
+
+
+def check_audit_passed(task: str) -> None:
+    """Train only on data that passed the audit gate (dvc.yaml lists its gate_passed among this stage's params)."""
+    audit = metrics_file(task, "audit")
+    if not audit.exists():
+        raise FileNotFoundError(f"{audit} does not exist: the data audit has not run for {task}. Run it first "
+                                f"(`dvc repro audit@{task}`); training starts only on data the audit passed")
+    if json.loads(audit.read_text()).get("gate_passed") is not True:
+        raise ValueError(f"{audit} says the data audit failed for {task} (gate_passed is not true), so it is not "
+                         f"trained: fix the data (the audit's report, reports/{task}/01_data_audit.html, says what "
+                         f"failed), then rerun the audit (`dvc repro audit@{task}`)")
+
+
+def check_can_train(task: str, params: Params) -> None:
+    """What run_training refuses before it trains or launches anything."""
+    check_audit_passed(task)
+    if params.train.accelerate_config:
+        check_accelerate_config(repo_root() / params.train.accelerate_config)
+
+
+# ---------------------------------------------------------------- setup
+
+
+@dataclass
+class Run:
+    """One task's training as setup() builds it: what the step, the evaluation and the checkpoints work on."""
+
+    task: str
+    spec: TrainSpec
+    accelerator: Accelerator
+    mode: Mode
+    model: torch.nn.Module  # the PEFT model: evaluated, saved and checkpointed
+    loss_model: torch.nn.Module  # AnswerLoss(model) behind accelerate's wrapper (DDP): the training forward
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    validation: list[dict[str, torch.Tensor]]
+    train_examples: int
+    train_rows: int
+    steps_per_epoch: int  # this process's steps, from the real batch count (even across processes)
+    total_steps: int
+    adapter_dir: Path
+    checkpoint_dir: Path
+    fingerprint: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def setup(task: str, params: Params) -> Run:
+    """Accelerator, mode, data, model and optimizer for one task, in the order that fixes the random numbers each
+    draws (the LoRA weights' initialisation among them): a rerun, or a resumed run, starts from the same ones."""
     from accelerate import Accelerator, DataLoaderConfiguration
 
-    params = params or load_params()
     spec = params.train_for(task)
     # The seedable sampler reshuffles rows with seed + epoch on every process alike; even_batches completes
     # an epoch's last step on every process (with the epoch's first rows) when steps do not divide evenly,
@@ -351,7 +431,8 @@ def train_task(task: str, params: Params | None = None) -> dict:
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=spec.seed,
                                                                         even_batches=True,
                                                                         non_blocking=torch.cuda.is_available()))
-    is_main = accelerator.is_main_process
+    # `accelerate launch --config_file` by hand skips run_training's check of the file
+    check_distributed_type(accelerator.distributed_type.value, "accelerate launch")
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
 
@@ -366,214 +447,311 @@ def train_task(task: str, params: Params | None = None) -> dict:
     train_examples = render_records(tokenizer, read_jsonl(data / "train.jsonl"), spec.max_seq_len)
     eval_examples = render_records(tokenizer, read_jsonl(data / "validation.jsonl")[: spec.eval_rows], spec.max_seq_len)
     validation = eval_batches(eval_examples, spec, tokenizer.pad_token_id)
-
     # Rows are packed once; one DataLoader item is one optimizer step on one process (grad_accum micro-batches).
     loader = step_loader(train_examples, spec, tokenizer.pad_token_id)
     train_rows = len(loader.dataset)
 
     model = build_model(params, mode, spec=spec)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     # Fused AdamW on a GPU (one kernel for all LoRA tensors); the CPU keeps torch's default implementation.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate,
-                                  weight_decay=spec.weight_decay, fused=True if accelerator.device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(trainable, lr=spec.learning_rate, weight_decay=spec.weight_decay,
+                                  fused=True if accelerator.device.type == "cuda" else None)
     # The forward goes through accelerate's wrapper (DDP): AnswerLoss's forward is the masked loss.
     # The model is already on its device (QLoRA's 4-bit weights must not be moved again).
     loss_model, optimizer, loader = accelerator.prepare(AnswerLoss(model), optimizer, loader,
                                                         device_placement=[False, True, True])
-
-    steps_per_epoch = len(loader)  # this process's steps, from the real batch count (even across processes)
-    total_steps = spec.max_steps or math.ceil(spec.epochs * steps_per_epoch)
-
     out = models_dir(task)
-    adapter_dir, checkpoint_dir = out / "adapter", out / "checkpoints" / "last"
-    fp = fingerprint(params, task, data / "train.jsonl") + f"-p{accelerator.num_processes}"
-    state = load_checkpoint(checkpoint_dir, model, optimizer, fp, adapter_dir) or {
-        "fingerprint": fp, "step": 0, "tokens_seen": 0, "best_eval_loss": None, "best_step": 0,
-        "bad_evals": 0, "history": [], "train_seconds": 0.0,
-    }
+    return Run(task=task, spec=spec, accelerator=accelerator, mode=mode, model=model, loss_model=loss_model,
+               trainable=trainable, optimizer=optimizer, loader=loader, validation=validation,
+               train_examples=len(train_examples), train_rows=train_rows, steps_per_epoch=len(loader),
+               total_steps=spec.max_steps or math.ceil(spec.epochs * len(loader)),
+               adapter_dir=out / "adapter", checkpoint_dir=out / "checkpoints" / "last",
+               fingerprint=fingerprint(params, task, data / "train.jsonl") + f"-p{accelerator.num_processes}")
+
+
+def resume_or_start(run: Run) -> dict:
+    """The run's progress: from its last checkpoint when one matches the recipe, else step 0 with the base model's
+    validation loss (the untrained adapter is the best one so far)."""
+    state = load_checkpoint(run.checkpoint_dir, run.model, run.optimizer, run.fingerprint, run.adapter_dir)
+    if state is not None:
+        return state
+    base_loss = evaluate(run)
+    if run.is_main:
+        run.model.save_pretrained(run.adapter_dir)
+    return {"fingerprint": run.fingerprint, "step": 0, "tokens_seen": 0, "base_eval_loss": base_loss,
+            "best_eval_loss": base_loss, "best_step": 0, "bad_evals": 0, "train_seconds": 0.0,
+            "history": [{"step": 0, "tokens_seen": 0, "train_loss": None, "grad_norm": None, "eval_loss": base_loss,
+                         "lr": 0.0}]}
+
+
+# ---------------------------------------------------------------- one step, evaluation
+
+
+def train_step(run: Run, item: dict, lr: float) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """One optimizer step over the step's micro-batches. Returns the step's mean train loss and its gradients' total
+    norm before clipping (None without clipping), both left on the device, and the tokens the step saw on all
+    processes."""
+    accelerator, spec = run.accelerator, run.spec
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    # The loss is the token mean over the whole global step, whatever the micro-batches and processes:
+    # each process scales its summed loss by N / (all processes' trained tokens), since DDP averages.
+    trained, tokens = item["trained_tokens"], item["tokens"]
+    if accelerator.num_processes > 1:
+        counts = torch.tensor([trained, tokens], device=accelerator.device)
+        trained, tokens = (int(c) for c in accelerator.reduce(counts, reduction="sum"))
+    scale = accelerator.num_processes / max(1, trained)
+    step_loss = torch.zeros((), device=accelerator.device)
+    micro = item["micro_batches"]
+    for i, batch in enumerate(micro):
+        # Gradients are all-reduced once a step, on its last micro-batch.
+        sync = accelerator.no_sync(run.loss_model) if i < len(micro) - 1 else contextlib.nullcontext()
+        with sync:
+            loss = run.loss_model(batch) * scale
+            accelerator.backward(loss)
+        step_loss += loss.detach()
+    # Clipped after the all-reduce, so every process sees the same global gradient and clips it alike.
+    grad_norm = accelerator.clip_grad_norm_(run.trainable, spec.max_grad_norm) if spec.max_grad_norm else None
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    # This process's share of the step's mean loss, summed over processes.
+    return accelerator.reduce(step_loss, reduction="sum") / accelerator.num_processes, grad_norm, tokens
+
+
+def evaluate(run: Run) -> float:
+    """The validation loss. Every process scores the same batches; the mean makes the value (and early stopping)
+    identical on all. Eager even with compiled layers: no-grad forwards would compile graphs of their own for a small
+    share of the time."""
+    with torch.compiler.set_stance("force_eager"):
+        loss = evaluate_loss(run.model, run.validation, str(run.accelerator.device))
+    return float(run.accelerator.reduce(torch.tensor([loss], device=run.accelerator.device), reduction="mean"))
+
+
+class History:
+    """The per-step records of train_history.csv (state["history"], checkpointed with the run).
+
+    A step's loss and gradient norm stay on the device until the next evaluation or checkpoint reads them all in one
+    host sync: reading them every step would stall the host until the GPU finished the step, so the next step's batch
+    and kernel launches could not overlap it.
+    """
+
+    def __init__(self, records: list[dict]) -> None:
+        self.records = records
+        self._unread: list[tuple[dict, torch.Tensor, torch.Tensor | None]] = []
+
+    def add(self, record: dict, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        self.records.append(record)
+        self._unread.append((record, loss, grad_norm))
+
+    def read(self) -> None:
+        if not self._unread:
+            return
+        records, losses, norms = zip(*self._unread, strict=True)
+        for record, loss in zip(records, torch.stack(losses).tolist(), strict=True):
+            record["train_loss"] = loss
+        if norms[0] is not None:  # clipping is on for every step or none
+            for record, norm in zip(records, torch.stack(norms).float().tolist(), strict=True):
+                record["grad_norm"] = norm
+        self._unread.clear()
+
+
+# ---------------------------------------------------------------- timing, compile decision
+
+
+class Timer:
+    """The run's wall time, the part spent outside training steps (validation, checkpoints), and the steady state's
+    start: WARMUP_STEPS steps after the first (or after compiling), once kernels are compiled and caches warm."""
+
+    def __init__(self, first_step: int, tokens_seen: int) -> None:
+        self.started = time.perf_counter()
+        self.tokens_at_start = tokens_seen
+        self.eval_seconds = self.checkpoint_seconds = 0.0
+        self.warm_step = first_step + WARMUP_STEPS
+        self.warm_mark: tuple[float, int, float] | None = None  # (time, tokens seen, seconds aside) at warm_step
+
+    def aside(self) -> float:
+        return self.eval_seconds + self.checkpoint_seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        started = time.perf_counter()
+        yield
+        self.eval_seconds += time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def checkpointing(self):
+        started = time.perf_counter()
+        yield
+        self.checkpoint_seconds += time.perf_counter() - started
+
+    def step_done(self, step: int, tokens_seen: int, synchronize: bool) -> None:
+        """synchronize: wait for the GPU's queued steps before reading the clock, where the time must be exact."""
+        if step == self.warm_step:
+            if synchronize:
+                torch.cuda.synchronize()
+            self.warm_mark = (time.perf_counter(), tokens_seen, self.aside())
+
+    def steps_seconds_since_warm(self) -> float:
+        return time.perf_counter() - self.warm_mark[0] - (self.aside() - self.warm_mark[2])
+
+
+class CompileDecision:
+    """train.compile: true compiles the decoder layers now; auto on a GPU decides once COMPILE_TIMED_STEPS steps after
+    the warm-up are timed (auto_compile); the reason goes into train.json's speed_reason."""
+
+    def __init__(self, run: Run, first_step: int) -> None:
+        spec, device_type = run.spec, run.accelerator.device.type
+        self.pending, self.compiled_at = False, None
+        self.decide_at = first_step + WARMUP_STEPS + COMPILE_TIMED_STEPS
+        if spec.compile != "auto":
+            self.reason = f"train.compile: {str(spec.compile).lower()}"
+            if spec.compile:
+                compile_decoder_layers(run.model)
+                self.compiled_at = first_step
+        elif device_type != "cuda":
+            self.reason = ("auto: eager on a CPU (on this project's 2-core CPU the compiled step was no faster, 4.96 "
+                           "against 4.95 s for 4 x 256 tokens, and compiling cost ~14 s)")
+        elif not decoder_layers(run.model):
+            self.reason = "auto: the model names no decoder layer class to compile: eager"
+        else:
+            self.pending, self.reason = True, "auto: the run ended before its steps were timed: eager"
+
+    def step_done(self, run: Run, step: int, timer: Timer) -> None:
+        if not (self.pending and step == self.decide_at):
+            return
+        torch.cuda.synchronize()
+        per_step = torch.tensor([timer.steps_seconds_since_warm() / COMPILE_TIMED_STEPS], device=run.accelerator.device)
+        self.pending = False  # every process decides alike, on the mean of their timings
+        compiled, self.reason = auto_compile(run.total_steps - step,
+                                             float(run.accelerator.reduce(per_step, reduction="mean")))
+        if compiled:
+            compile_decoder_layers(run.model)
+            self.compiled_at = step
+            timer.warm_step = step + WARMUP_STEPS  # steady again once the graphs are compiled
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train_task(task: str, params: Params | None = None) -> dict:
+    """Train one task's adapter; returns the metrics also written to metrics/<task>/train.json."""
+    params = params or load_params()
+    run = setup(task, params)
+    spec = run.spec
+    state = resume_or_start(run)
     resumed_from = state["step"]
-
-    def validation_loss() -> float:
-        # Every process scores the same batches; the mean makes the value (and early stopping) identical on all.
-        # Eager even with compiled layers: no-grad forwards would compile graphs of their own for a small share.
-        with torch.compiler.set_stance("force_eager"):
-            loss = evaluate_loss(model, validation, str(accelerator.device))
-        return float(accelerator.reduce(torch.tensor([loss], device=accelerator.device), reduction="mean"))
-
-    if state["step"] == 0:
-        base_loss = validation_loss()
-        state["history"].append({"step": 0, "tokens_seen": 0, "train_loss": None, "eval_loss": base_loss, "lr": 0.0})
-        state["base_eval_loss"] = base_loss
-        if is_main:
-            model.save_pretrained(adapter_dir)  # the untrained adapter is "best" so far
-        state["best_eval_loss"] = base_loss
-
+    history = History(state["history"])
     # The best adapter so far stays in host memory and is written at checkpoints and at the end: writing it at
     # every better evaluation cost seconds a time on a 1B base (r 64 on every linear layer is ~45M weights).
     best: dict[str, torch.Tensor] | None = None
-
-    def write_best() -> None:
-        if is_main and best is not None:
-            model.save_pretrained(adapter_dir, state_dict=best)
-
     checkpoints = CheckpointWriter()
-
-    # train.compile: true compiles now; auto on a GPU decides once COMPILE_TIMED_STEPS steps after the warm-up are timed.
-    compile_pending, compiled_at = False, None
-    if spec.compile != "auto":
-        compile_reason = f"train.compile: {str(spec.compile).lower()}"
-        if spec.compile:
-            compile_decoder_layers(model)
-            compiled_at = resumed_from
-    elif accelerator.device.type != "cuda":
-        compile_reason = ("auto: eager on a CPU (on this project's 2-core CPU the compiled step was no faster, 4.96 "
-                          "against 4.95 s for 4 x 256 tokens, and compiling cost ~14 s)")
-    elif not decoder_layers(model):
-        compile_reason = "auto: the model names no decoder layer class to compile: eager"
-    else:
-        compile_pending, compile_reason = True, "auto: the run ended before its steps were timed: eager"
-
-    if accelerator.device.type == "cuda":
+    compiler = CompileDecision(run, resumed_from)
+    if run.accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    unread_losses: list[torch.Tensor] = []  # the train losses of the steps since the last read, still on the device
-    unread_records: list[dict] = []
 
-    def read_losses() -> None:
-        """One host sync for all the steps since the last read."""
-        if unread_losses:
-            for rec, value in zip(unread_records, torch.stack(unread_losses).tolist(), strict=True):
-                rec["train_loss"] = value
-            unread_losses.clear()
-            unread_records.clear()
-
-    loss_model.train()
-    eval_seconds = checkpoint_seconds = 0.0
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {task}", disable=not is_main, mininterval=5)
-    started = time.perf_counter()
-    tokens_at_start = state["tokens_seen"]
-    warm_mark = None  # (time, tokens seen, validation + checkpoint seconds) after the first WARMUP_STEPS steps
-    warm_step = resumed_from + WARMUP_STEPS
+    run.loss_model.train()
+    bar = tqdm(total=run.total_steps, initial=resumed_from, desc=f"train {task}", disable=not run.is_main, mininterval=5)
+    timer = Timer(resumed_from, state["tokens_seen"])
     stop_reason = "max_steps" if spec.max_steps else "epochs"
-    while state["step"] < total_steps and stop_reason in ("max_steps", "epochs"):
-        epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
-        loader.set_epoch(epoch)
+    while state["step"] < run.total_steps and stop_reason in ("max_steps", "epochs"):
+        epoch, done_in_epoch = divmod(state["step"], run.steps_per_epoch)
+        run.loader.set_epoch(epoch)
         # A resumed run skips the steps this epoch already took; the sampler's seed + epoch gives the same order.
-        epoch_steps = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
+        epoch_steps = run.accelerator.skip_first_batches(run.loader, done_in_epoch) if done_in_epoch else run.loader
         for item in epoch_steps:
-            step = state["step"]
-            lr = lr_at(step, total_steps, spec)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # The loss is the token mean over the whole global step, whatever the micro-batches and processes:
-            # each process scales its summed loss by N / (all processes' trained tokens), since DDP averages.
-            trained, tokens = item["trained_tokens"], item["tokens"]
-            if accelerator.num_processes > 1:
-                counts = torch.tensor([trained, tokens], device=accelerator.device)
-                trained, tokens = (int(c) for c in accelerator.reduce(counts, reduction="sum"))
-            scale = accelerator.num_processes / max(1, trained)
-            loss_value = torch.zeros((), device=accelerator.device)
-            micro = item["micro_batches"]
-            for i, batch in enumerate(micro):
-                # Gradients are all-reduced once a step, on its last micro-batch.
-                sync = accelerator.no_sync(loss_model) if i < len(micro) - 1 else contextlib.nullcontext()
-                with sync:
-                    loss = loss_model(batch) * scale
-                    accelerator.backward(loss)
-                loss_value += loss.detach()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] = step + 1
+            lr = lr_at(state["step"], run.total_steps, spec)
+            loss, grad_norm, tokens = train_step(run, item, lr)
+            state["step"] += 1
             state["tokens_seen"] += tokens
-            # This process's share of the step's mean loss, summed over processes. It stays on the device until
-            # the next evaluation or checkpoint: reading it every step would stall the host until the GPU
-            # finished the step, so the next step's batch and kernel launches could not overlap it.
-            unread_losses.append(accelerator.reduce(loss_value, reduction="sum") / accelerator.num_processes)
             record = {"step": state["step"], "tokens_seen": state["tokens_seen"], "train_loss": None,
-                      "eval_loss": None, "lr": lr}
-            unread_records.append(record)
-            if state["step"] == warm_step:  # the steady state starts: kernels compiled, caches warm
-                if compile_pending:
-                    torch.cuda.synchronize()  # so that the compile decision times finished steps
-                warm_mark = (time.perf_counter(), state["tokens_seen"], eval_seconds + checkpoint_seconds)
-            if compile_pending and state["step"] == warm_step + COMPILE_TIMED_STEPS:
-                torch.cuda.synchronize()
-                busy = time.perf_counter() - warm_mark[0] - (eval_seconds + checkpoint_seconds - warm_mark[2])
-                per_step = torch.tensor([busy / COMPILE_TIMED_STEPS], device=accelerator.device)
-                compile_pending = False  # every process decides alike, on the mean of their timings
-                compiled, compile_reason = auto_compile(total_steps - state["step"],
-                                                        float(accelerator.reduce(per_step, reduction="mean")))
-                if compiled:
-                    compile_decoder_layers(model)
-                    compiled_at = state["step"]
-                    warm_step = state["step"] + WARMUP_STEPS  # steady again once the graphs are compiled
-            if state["step"] % spec.eval_every == 0 or state["step"] == total_steps:
-                read_losses()
-                eval_started = time.perf_counter()
-                record["eval_loss"] = validation_loss()
-                if record["eval_loss"] < state["best_eval_loss"]:
-                    state.update(best_eval_loss=record["eval_loss"], best_step=state["step"], bad_evals=0)
-                    if is_main:
-                        best = {k: v.detach().to("cpu", copy=True) for k, v in model.named_parameters() if v.requires_grad}
-                else:
-                    state["bad_evals"] += 1
-                eval_seconds += time.perf_counter() - eval_started
-            state["history"].append(record)
-            elapsed = time.perf_counter() - started
-            tokens_per_s = (state["tokens_seen"] - tokens_at_start) / max(elapsed, 1e-9)
-            if record["eval_loss"] is not None:
+                      "grad_norm": None, "eval_loss": None, "lr": lr}
+            history.add(record, loss, grad_norm)
+            timer.step_done(state["step"], state["tokens_seen"], synchronize=compiler.pending)
+            compiler.step_done(run, state["step"], timer)
+
+            if state["step"] % spec.eval_every == 0 or state["step"] == run.total_steps:
+                history.read()
+                with timer.evaluating():
+                    record["eval_loss"] = evaluate(run)
+                    if record["eval_loss"] < state["best_eval_loss"]:
+                        state.update(best_eval_loss=record["eval_loss"], best_step=state["step"], bad_evals=0)
+                        if run.is_main:
+                            best = {k: v.detach().to("cpu", copy=True)
+                                    for k, v in run.model.named_parameters() if v.requires_grad}
+                    else:
+                        state["bad_evals"] += 1
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}", eval=f"{state['best_eval_loss']:.3f}",
-                                tok_s=f"{tokens_per_s:.0f}", refresh=False)
+                                tok_s=f"{(state['tokens_seen'] - timer.tokens_at_start) / timer.elapsed():.0f}",
+                                refresh=False)
             bar.update(1)
+
             if state["bad_evals"] >= spec.early_stopping_patience:
                 stop_reason = f"early stopping: no better validation loss in {spec.early_stopping_patience} evaluations"
                 break
-            if state["step"] >= total_steps:
+            if state["step"] >= run.total_steps:
                 break
-            if is_main and state["step"] % spec.checkpoint_every == 0:
-                read_losses()
-                checkpoint_started = time.perf_counter()
-                checkpoints.save(checkpoint_dir, model, optimizer, {**state, "train_seconds": state["train_seconds"] + elapsed},
-                                 adapter_dir, best)
+            if run.is_main and state["step"] % spec.checkpoint_every == 0:
+                history.read()
+                with timer.checkpointing():
+                    checkpoints.save(run.checkpoint_dir, run.model, run.optimizer,
+                                     {**state, "train_seconds": state["train_seconds"] + timer.elapsed()},
+                                     run.adapter_dir, best)
                 best = None  # written with this checkpoint
-                checkpoint_seconds += time.perf_counter() - checkpoint_started
     bar.close()
-    read_losses()
-    checkpoint_started = time.perf_counter()
-    checkpoints.wait()
-    checkpoint_seconds += time.perf_counter() - checkpoint_started
-    elapsed = time.perf_counter() - started
+    history.read()
+    with timer.checkpointing():
+        checkpoints.wait()
+    elapsed = timer.elapsed()
     state["train_seconds"] += elapsed
-    write_best()
-    mode.speed_reason += f"; compile: {compile_reason}"
 
-    metrics = {
-        "task": task, "mode": mode.name, "mode_reason": mode.reason, "device": str(accelerator.device),
+    metrics = train_metrics(run, state, timer, elapsed, compiler, stop_reason, resumed_from)
+    if run.is_main:
+        save(run, state, metrics, best)
+    run.accelerator.wait_for_everyone()
+    return metrics
+
+
+def train_metrics(run: Run, state: dict, timer: Timer, elapsed: float, compiler: CompileDecision, stop_reason: str,
+                  resumed_from: int) -> dict:
+    """train.json: the choices made and why, the run's size, its speeds and its losses."""
+    mode, tokens = run.mode, state["tokens_seen"] - timer.tokens_at_start
+    return {
+        "task": run.task, "mode": mode.name, "mode_reason": mode.reason, "device": str(run.accelerator.device),
         "kernels": mode.kernels, "gradient_checkpointing": mode.gradient_checkpointing, "attention": mode.attention,
-        "compiled": compiled_at is not None, "compiled_at_step": compiled_at, "speed_reason": mode.speed_reason,
-        "dtype": str(mode.dtype).replace("torch.", ""),
-        "processes": accelerator.num_processes, "steps": state["step"], "planned_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch, "stop_reason": stop_reason, "resumed_from_step": resumed_from,
-        "train_examples": len(train_examples), "train_rows": train_rows, "tokens_seen": state["tokens_seen"],
-        "tokens_per_second": (state["tokens_seen"] - tokens_at_start) / max(elapsed, 1e-9),
+        "compiled": compiler.compiled_at is not None, "compiled_at_step": compiler.compiled_at,
+        "speed_reason": f"{mode.speed_reason}; compile: {compiler.reason}",
+        "dtype": str(mode.dtype).replace("torch.", ""), "max_grad_norm": run.spec.max_grad_norm or None,
+        "processes": run.accelerator.num_processes, "steps": state["step"], "planned_steps": run.total_steps,
+        "steps_per_epoch": run.steps_per_epoch, "stop_reason": stop_reason, "resumed_from_step": resumed_from,
+        "train_examples": run.train_examples, "train_rows": run.train_rows, "tokens_seen": state["tokens_seen"],
+        "tokens_per_second": tokens / max(elapsed, 1e-9),
         # the same without validation and checkpoint time: the training steps alone
-        "step_tokens_per_second": (state["tokens_seen"] - tokens_at_start) / max(elapsed - eval_seconds - checkpoint_seconds, 1e-9),
+        "step_tokens_per_second": tokens / max(elapsed - timer.aside(), 1e-9),
         # the steps after the first WARMUP_STEPS, without validation and checkpoints: comparable with a model step
         # timed after warm-up (benchmarks/gpu_runs.py)
-        "steady_tokens_per_second": None if warm_mark is None else (state["tokens_seen"] - warm_mark[1]) / max(
-            started + elapsed - warm_mark[0] - (eval_seconds + checkpoint_seconds - warm_mark[2]), 1e-9),
-        "eval_seconds": eval_seconds, "checkpoint_seconds": checkpoint_seconds,
+        "steady_tokens_per_second": None if timer.warm_mark is None else (state["tokens_seen"] - timer.warm_mark[1]) / max(
+            timer.started + elapsed - timer.warm_mark[0] - (timer.aside() - timer.warm_mark[2]), 1e-9),
+        "eval_seconds": timer.eval_seconds, "checkpoint_seconds": timer.checkpoint_seconds,
         "wall_seconds": state["train_seconds"],
         "base_eval_loss": state["base_eval_loss"], "best_eval_loss": state["best_eval_loss"],
         "best_step": state["best_step"],
         "final_train_loss": next((h["train_loss"] for h in reversed(state["history"]) if h["train_loss"] is not None), None),
-        "peak_memory_gb": peak_memory_gb(accelerator.device.type),
+        "peak_memory_gb": peak_memory_gb(run.accelerator.device.type),
     }
-    if is_main:
-        write_metrics(metrics_file(task, "train"), metrics)
-        write_history(train_history_file(task), state["history"])
-        (adapter_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        shutil.rmtree(checkpoint_dir.parent, ignore_errors=True)  # finished: nothing left to resume
-    accelerator.wait_for_everyone()
-    return metrics
+
+
+def save(run: Run, state: dict, metrics: dict, best: dict[str, torch.Tensor] | None) -> None:
+    """The main process's outputs: the best adapter (best: its weights when not yet written), train.json, the history;
+    the checkpoints go, as a finished run leaves nothing to resume."""
+    if best is not None:
+        run.model.save_pretrained(run.adapter_dir, state_dict=best)
+    write_metrics(metrics_file(run.task, "train"), metrics)
+    write_history(train_history_file(run.task), state["history"])
+    (run.adapter_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    shutil.rmtree(run.checkpoint_dir.parent, ignore_errors=True)
 
 
 def peak_memory_gb(device: str) -> float:
@@ -584,16 +762,36 @@ def peak_memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+HISTORY_COLUMNS = ("step", "tokens_seen", "train_loss", "grad_norm", "eval_loss", "lr")
+
+
 def write_history(path: Path, history: list[dict]) -> None:
-    """CSV that `dvc plots show` draws (loss against step)."""
-    lines = ["step,tokens_seen,train_loss,eval_loss,lr"]
+    """CSV that `dvc plots show` draws (loss against step); grad_norm is empty where clipping is off."""
+    lines = [",".join(HISTORY_COLUMNS)]
     for h in history:
-        cells = [h["step"], h["tokens_seen"], h["train_loss"], h["eval_loss"], h["lr"]]
+        cells = [h.get(column) for column in HISTORY_COLUMNS]
         lines.append(",".join("" if c is None else f"{c:.6g}" if isinstance(c, float) else str(c) for c in cells))
     path.write_text("\n".join(lines) + "\n")
 
 
+# ---------------------------------------------------------------- entry points
+
+
+def run_training(task: str, params: Params | None = None) -> dict:
+    """The notebook's entry point: refuse what should not train, then train in this process, or through `accelerate
+    launch` where train.num_processes or train.accelerate_config asks for it; returns train.json's metrics."""
+    params = params or load_params()
+    check_can_train(task, params)
+    if params.train.num_processes == 1 and not params.train.accelerate_config:
+        return train_task(task, params)
+    config = ["--config_file", str(repo_root() / params.train.accelerate_config)] if params.train.accelerate_config else []
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *config, "--num_processes",
+                    str(params.train.num_processes), "-m", "tuneforge.stages.train", "--task", task], check=True)
+    return json.loads(metrics_file(task, "train").read_text())
+
+
 def main(argv: list[str] | None = None) -> None:
+    """One process of `accelerate launch -m tuneforge.stages.train --task T`, as run_training launches it."""
     parser = argparse.ArgumentParser(description="train one task's adapter (accelerate launch for several GPUs)")
     parser.add_argument("--task", required=True)
     args = parser.parse_args(argv)
