@@ -191,7 +191,7 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
 class AnswerLoss(torch.nn.Module):
     """The (PEFT) model behind a forward that returns the summed answer-token loss.
 
-    accelerate wraps this module (DDP, FSDP), so every training forward runs through the wrapper's own
+    accelerate wraps this module (DDP), so every training forward runs through the wrapper's own
     forward, which DDP needs to set up its gradient all-reduce; inside, answer_loss computes the loss.
     """
 
