@@ -20,14 +20,13 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
+from tuneforge.core.paths import PIPELINE  # the stage list's one home (importing it runs no stage)
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 CODE_PREFIX = "src/tuneforge/"
-STAGE_NOTEBOOK = {"prepare": "00_prepare", "audit": "01_data_audit", "train": "02_train", "evaluate": "03_evaluate",
-                  "export": "04_export_gguf", "drift": "05_drift_report"}
-# Stages whose command runs a module rather than a notebook.
-MODULE_STAGES = {"base_model": "tuneforge.stages.base_model", "base_gguf": "tuneforge.stages.base_gguf",
-                 "index": "tuneforge.report.index"}
+
+STAGES = {stage.name: stage for stage in PIPELINE}
 NOTEBOOK_RUNNER = "tuneforge.report.notebook"
 # Files under src/ that a module reads rather than imports.
 NON_PYTHON_DEPS = {"tuneforge.report.index": ["src/tuneforge/report/templates"]}
@@ -75,9 +74,9 @@ def notebook_code(name: str) -> str:
 
 
 def entry_modules(stage: str) -> set[str]:
-    if stage in STAGE_NOTEBOOK:
-        return {NOTEBOOK_RUNNER} | imported_modules(notebook_code(STAGE_NOTEBOOK[stage]))
-    return {MODULE_STAGES[stage]}
+    if STAGES[stage].notebook:
+        return {NOTEBOOK_RUNNER} | imported_modules(notebook_code(STAGES[stage].notebook))
+    return {STAGES[stage].module}
 
 
 def code_deps(stage: str) -> list[str]:
@@ -101,7 +100,7 @@ def differences(dvc_yaml: Path = ROOT / "dvc.yaml") -> dict[str, tuple[list[str]
     """{stage: (missing from dvc.yaml, listed but not run)} for every stage whose code deps are not its imports'."""
     stages = YAML().load(dvc_yaml)["stages"]
     found = {}
-    for stage in [*STAGE_NOTEBOOK, *MODULE_STAGES]:
+    for stage in STAGES:
         want, have = code_deps(stage), listed_code_deps(stage_spec(stages, stage))
         if want != have:
             found[stage] = (sorted(set(want) - set(have)), sorted(set(have) - set(want)))
@@ -115,7 +114,7 @@ def write(dvc_yaml: Path = ROOT / "dvc.yaml") -> None:
     yaml.width = 4096
     yaml.indent(mapping=2, sequence=4, offset=2)
     document = yaml.load(dvc_yaml)
-    for stage in [*STAGE_NOTEBOOK, *MODULE_STAGES]:
+    for stage in STAGES:
         deps = stage_spec(document["stages"], stage)["deps"]
         positions = [i for i, d in enumerate(deps) if isinstance(d, str) and d.startswith(CODE_PREFIX)]
         at = positions[0] if positions else 0

@@ -28,9 +28,19 @@ def test_every_stage_lists_exactly_the_code_it_runs():
                                  for stage, (missing, extra) in found.items())
 
 
+def test_dvc_yaml_runs_the_pipelines_stages_in_their_order():
+    """dvc.yaml holds exactly core.paths.PIPELINE's stages, each running the command PIPELINE names."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == [stage.name for stage in stage_deps.PIPELINE]
+    for stage in stage_deps.PIPELINE:
+        spec = stages[stage.name].get("do", stages[stage.name])
+        assert spec["cmd"] == stage.command, f"dvc.yaml stage {stage.name!r} runs {spec['cmd']!r}"
+        assert ("foreach" in stages[stage.name]) == bool(stage.notebook), f"{stage.name}: per-task stages run foreach"
+
+
 def test_an_edit_to_the_request_log_reruns_no_training():
     """Only stages that import core/traffic.py (drift) depend on it: a serving fix reruns no training."""
-    dependants = [stage for stage in [*stage_deps.STAGE_NOTEBOOK, *stage_deps.MODULE_STAGES]
+    dependants = [stage for stage in stage_deps.STAGES
                   if "src/tuneforge/core/traffic.py" in stage_deps.code_deps(stage)]
     assert dependants == ["drift"]
 

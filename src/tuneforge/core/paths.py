@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -98,7 +99,36 @@ def predictions_file(task: str) -> Path:
     return repo_root() / "data" / "predictions" / f"{task}.jsonl"
 
 
-STAGE_METRICS = ("audit", "train", "eval", "export", "drift")  # metrics/<task>/<name>.json, in pipeline order
+@dataclass(frozen=True)
+class Stage:
+    """One stage of dvc.yaml: what its command runs and the metrics record it writes (tests/test_layout.py checks
+    dvc.yaml against PIPELINE, and scripts/stage_deps.py generates each stage's code deps from it)."""
+
+    name: str
+    notebook: str | None = None  # a per-task stage: `python -m tuneforge.report.notebook <notebook> --task <task>`
+    module: str | None = None  # a stage run once: `python -m <module>`
+    metrics: str | None = None  # metrics/<task>/<metrics>.json
+
+    @property
+    def command(self) -> str:
+        if self.notebook:
+            return f"python -m tuneforge.report.notebook {self.notebook} --task ${{key}}"
+        return f"python -m {self.module}"
+
+
+# The pipeline, in order: the one list of its stages.
+PIPELINE = (
+    Stage("base_model", module="tuneforge.stages.base_model"),
+    Stage("base_gguf", module="tuneforge.stages.base_gguf"),
+    Stage("prepare", notebook="00_prepare"),
+    Stage("audit", notebook="01_data_audit", metrics="audit"),
+    Stage("train", notebook="02_train", metrics="train"),
+    Stage("evaluate", notebook="03_evaluate", metrics="eval"),
+    Stage("export", notebook="04_export_gguf", metrics="export"),
+    Stage("drift", notebook="05_drift_report", metrics="drift"),
+    Stage("index", module="tuneforge.report.index"),
+)
+STAGE_METRICS = tuple(s.metrics for s in PIPELINE if s.metrics)  # metrics/<task>/<name>.json, in pipeline order
 
 
 def metrics_dir(task: str) -> Path:
