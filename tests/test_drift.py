@@ -66,3 +66,15 @@ def test_traffic_log_appends_whole_lines_and_names_bad_ones(tmp_path):
     assert [r["input"] for r in rows] == ["a"]
     assert problems == [f"{log}:2: needs a string field 'input'", f"{log}:3: not a JSON line"]
     assert "timestamp" in rows[0]
+
+
+def test_traffic_lines_with_huge_numbers_or_deep_nesting_are_skipped_and_named(tmp_path):
+    log = tmp_path / "t.jsonl"
+    append_request(log, {"input": "a"})
+    with log.open("ab") as f:
+        f.write(b'{"input": "b", "latency_ms": ' + b"9" * 5000 + b"}\n")  # int() refuses over 4,300 digits
+        f.write(b'{"input": "c", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
+    append_request(log, {"input": "d"})
+    rows, problems = read_traffic(log)
+    assert [r["input"] for r in rows] == ["a", "d"]
+    assert problems == [f"{log}:2: not a JSON line", f"{log}:3: nested too deeply to read"]
