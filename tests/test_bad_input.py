@@ -392,8 +392,11 @@ def test_source_outside_the_repository_is_refused_unread(tmp_path):
     (root / "data" / "link.jsonl").symlink_to(secret)
     (root / "data" / "inside.jsonl").write_text(json.dumps({"prompt": "hi", "completion": "ham"}) + "\n")
     (root / "data" / "link_inside.jsonl").symlink_to(root / "data" / "inside.jsonl")
+    # params.yaml refuses "../" and absolute paths when it loads (tests/test_params.py); the reader refuses them
+    # too, for a spec built another way, and it alone can see where a symlink leads.
     for source in ("../secret.jsonl", str(secret), "data/link.jsonl", "/proc/self/environ", "data/../../secret.jsonl"):
-        out = prepare(task("prompt_completion_jsonl", source=source), SplitSpec(), root)
+        spec = task("prompt_completion_jsonl", source="data/inside.jsonl").model_copy(update={"source": source})
+        out = prepare(spec, SplitSpec(), root)
         assert [(r.file, r.line, r.raw) for r in out.rejected] == [(source, 0, "")] and out.kept == 0, source
         assert out.rejected[0].reason.startswith("`source` leads outside the repository")
     out = prepare(task("prompt_completion_jsonl", source="data/link_inside.jsonl"), SplitSpec(), root)
