@@ -243,3 +243,24 @@ def test_one_definition_of_a_valid_answer_for_evaluation_and_drift(repo_root):
     frame = traffic_frame(["1 Main St"] * len(answers), answers, [None] * len(answers), Tokenizer(), spec.output)
     assert (frame["output_valid"] == "valid").mean() == pytest.approx(scores["valid_answer"])
     assert isinstance(frame, pd.DataFrame)
+
+
+def test_an_interval_is_written_and_read_as_one_shape_in_metrics_json(repo_root):
+    from tuneforge.core.metrics import Interval, bootstrap_interval
+    from tuneforge.core.params import load_params
+
+    interval = Interval(0.787, 0.742, 0.831)
+    written = json.loads(json.dumps(interval.to_metrics("tuned_micro_f1")))
+    assert written == {"tuned_micro_f1": 0.787, "tuned_micro_f1_ci": [0.742, 0.831]}
+    assert Interval.from_metrics(written, "tuned_micro_f1") == interval
+    assert Interval.from_metrics({"tuned_micro_f1": 0.787}, "tuned_micro_f1") is None  # metrics from before intervals
+    assert interval.describe() == "0.787 (95% CI 0.742–0.831)"
+    drop = -Interval(-0.03, -0.061, 0.0)
+    assert drop == Interval(0.03, 0.0, 0.061) and drop.describe() == "0.030 (95% CI 0.000–0.061)"
+    assert Interval(-0.03, -0.061, 0.0).bounds() == "95% CI -0.061 to 0.000"
+
+    spec = load_params(repo_root / "params.yaml").task("sms_spam")
+    assert bootstrap_interval(spec, [], [], "accuracy") == Interval(0.0, 0.0, 0.0)  # no rows: nothing to resample
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ham"}]}
+    with pytest.raises(ValueError, match="no bootstrap for 'micro_f1' on a label task"):
+        bootstrap_interval(spec, [record], ["ham"], "micro_f1")
