@@ -17,7 +17,7 @@ from tuneforge.core import metrics
 from tuneforge.core.batching import collate_padded, evaluate_loss, render_records
 from tuneforge.core.chat import prompt_text, stop_token_ids
 from tuneforge.core.constraints import grammars_for, hf_logits_processor
-from tuneforge.core.metrics import score_outputs
+from tuneforge.core.metrics import PLAIN_METRICS, Interval, bootstrap_interval, paired_difference, score_outputs
 from tuneforge.core.params import EvaluateSpec, TaskSpec
 
 
@@ -87,16 +87,24 @@ def per_example(task: TaskSpec, record: dict, output: str) -> tuple[float, str]:
             metrics.error_kind(task.output.kind, output, reference, user, **kw))
 
 
-def gate(task: TaskSpec, spec: EvaluateSpec, base_score: float, tuned_score: float) -> list[str]:
+def gate(task: TaskSpec, spec: EvaluateSpec, summary: dict) -> list[str]:
+    """Failures of the evaluation gate, decided on the intervals in summary (eval.json), not on point estimates: the
+    tuned primary metric is below the minimum only when its whole interval is (its upper end below min_score), and
+    it regresses only when the whole paired interval of tuned - base is below -evaluate.max_regression. A miss
+    within the noise of the test rows passes."""
     name = task.primary_metric
+    tuned = Interval.from_metrics(summary, f"tuned_{name}")
+    delta = Interval.from_metrics(summary, f"delta_{name}")
     failures = []
     minimum, setting = ((task.min_score, "the task's min_score") if task.min_score is not None
                         else (spec.min_tuned_score, "evaluate.min_tuned_score"))
-    if tuned_score < minimum:
-        failures.append(f"tuned {name} {tuned_score:.3f} is below {setting} {minimum:.3f}")
-    if tuned_score < base_score - spec.max_regression:
-        failures.append(f"tuned {name} {tuned_score:.3f} trails the base's {base_score:.3f} by more than "
-                        f"evaluate.max_regression {spec.max_regression:.3f}")
+    if tuned.high < minimum:
+        failures.append(f"tuned {name} {tuned.describe()} is below {setting} {minimum:.3f} "
+                        "even at the interval's upper end")
+    if delta.high < -spec.max_regression:
+        failures.append(f"tuned {name} trails the base's by {-delta.estimate:.3f} (tuned - base "
+                        f"{delta.describe()}, paired), beyond evaluate.max_regression {spec.max_regression:.3f} "
+                        "even at the interval's upper end")
     return failures
 
 
@@ -246,15 +254,29 @@ class EvalResult:
     def scores(self) -> dict[str, dict]:
         return {who: score_outputs(self.task, self.records, outputs) for who, outputs in self.outputs().items()}
 
+    def intervals(self) -> dict:
+        """<model>_<metric>_ci for every model and delta_<metric>_ci (tuned - base, paired on the same rows), for the
+        primary metric and the plain one (exact match or accuracy): eval.json's keys, as Interval.to_metrics writes
+        them."""
+        out = {}
+        for metric in dict.fromkeys([self.task.primary_metric, PLAIN_METRICS[self.task.output.kind]]):
+            for who, outputs in self.outputs().items():
+                out.update(bootstrap_interval(self.task, self.records, outputs, metric).to_metrics(f"{who}_{metric}"))
+            out.update(paired_difference(self.task, self.records, self.tuned.outputs, self.base.outputs,
+                                         metric).to_metrics(f"delta_{metric}"))
+        return out
+
     def summary(self) -> dict:
         """Flat numbers for eval.json: <model>_<metric> for every scalar metric (models: base, tuned, tuned_free,
-        baseline), delta_<metric> = tuned - base, and speed/perplexity for the LLMs."""
+        baseline), delta_<metric> = tuned - base, the intervals of the headline metrics (intervals()), and
+        speed/perplexity for the LLMs."""
         scores = self.scores()
         out = {}
         for name in [k for k, v in scores["tuned"].items() if isinstance(v, (int, float)) and k != "n"]:
             for who, s in scores.items():
                 out[f"{who}_{name}"] = s[name]
             out[f"delta_{name}"] = scores["tuned"][name] - scores["base"][name]
+        out.update(self.intervals())
         runs = {"base": (self.base, self.base_perplexity), "tuned": (self.tuned, self.tuned_perplexity)}
         if self.tuned_free is not None:
             runs["tuned_free"] = (self.tuned_free, None)
