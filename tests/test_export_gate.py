@@ -1,18 +1,22 @@
-"""The export gate serves the smallest quantized file that keeps the HF model's metric and next-token choices."""
+"""The export gate serves the smallest quantized file that keeps the HF model's metric and next-token choices; a
+metric drop fails a file only when its paired interval against the f16 file is beyond the allowance."""
 
 import pytest
 
-from tuneforge.core.params import ExportSpec
+from tuneforge.core.metrics import paired_difference
+from tuneforge.core.params import ExportSpec, load_params
 from tuneforge.stages.export import gate
 
 
-def row(q, size, delta, top1):
-    return {"model": f"GGUF {q}", "kept_quantization": q, "size_mb": size, "delta": delta, "top1_agreement": top1}
+def row(q, size, delta, top1, ci, rows=80):
+    """A gate row as export's _Evaluator writes it: delta = file - f16 and its interval `delta_ci`."""
+    return {"model": f"GGUF {q}", "kept_quantization": q, "size_mb": size, "delta": delta, "delta_ci": list(ci),
+            "rows": rows, "top1_agreement": top1}
 
 
 ROWS = [{"model": "HF", "size_mb": 517, "delta": 0.0, "top1_agreement": 1.0},
         {"model": "GGUF f16", "size_mb": 271, "delta": 0.0, "top1_agreement": 1.0},  # never served: not a kept type
-        row("Q8_0", 145, 0.004, 0.99), row("Q4_K_M", 105, -0.005, 0.96)]
+        row("Q8_0", 145, 0.004, 0.99, (-0.01, 0.02)), row("Q4_K_M", 105, -0.005, 0.96, (-0.03, 0.02))]
 
 
 def test_the_smallest_passing_file_is_served():
@@ -21,15 +25,16 @@ def test_the_smallest_passing_file_is_served():
 
 
 def test_a_file_short_of_either_bar_falls_back_and_says_by_how_much():
-    rows = [*ROWS[:3], row("Q4_K_M", 105, -0.025, 0.93)]
+    rows = [*ROWS[:3], row("Q4_K_M", 105, -0.025, 0.93, (-0.04, -0.012))]
     served, failures, notes = gate(rows, "micro_f1", ExportSpec(max_metric_drop=0.01))
     assert served == "Q8_0" and not failures
-    assert notes == [("Q4_K_M (105 MB) does not pass: micro_f1 0.025 below the f16 file's, the fp32 HF model's twin "
-                      "(allowed 0.01); top-1 agreement 0.930 < 0.95 (short by 0.020)")]
+    assert notes == [("Q4_K_M (105 MB) does not pass: micro_f1 0.025 (95% CI 0.012–0.040) below the f16 file's, the "
+                      "fp32 HF model's twin, on 80 rows: beyond the 0.01 allowed even at the interval's low end; "
+                      "top-1 agreement 0.930 < 0.95 (short by 0.020)")]
 
 
 def test_no_passing_file_fails_the_gate():
-    rows = [*ROWS[:2], row("Q8_0", 145, -0.02, 0.99), row("Q4_K_M", 105, -0.04, 0.9)]
+    rows = [*ROWS[:2], row("Q8_0", 145, -0.02, 0.99, (-0.03, -0.015)), row("Q4_K_M", 105, -0.04, 0.9, (-0.06, -0.02))]
     served, failures, _ = gate(rows, "micro_f1", ExportSpec(max_metric_drop=0.01))
     assert served is None and len(failures) == 2 and failures[0].startswith("Q4_K_M")
 
@@ -39,3 +44,33 @@ def test_a_named_gate_type_is_the_only_candidate():
     assert served == "Q8_0"
     with pytest.raises(ValueError, match="neither 'smallest' nor in export.quantizations"):
         ExportSpec(gate_quantization="Q5_K_M")
+
+
+def test_a_drop_within_the_noise_of_the_rows_passes_and_one_clearly_beyond_fails():
+    """80 sms_spam-like rows (16 spam) scored by the task's macro-F1: a file that answers 2 rows differently from the
+    f16 file drops more than the allowance, but by less than the noise of 80 rows; one that answers 8 differently
+    drops beyond it whatever rows are drawn."""
+    spec = load_params().task("sms_spam")
+    references = ["spam"] * 16 + ["ham"] * 64
+    records = [{"messages": [{"role": "user", "content": f"message {i}"}, {"role": "assistant", "content": label}]}
+               for i, label in enumerate(references)]
+    f16 = list(references)
+
+    def file_row(q, size, wrong):  # `wrong` rows answered with the other label, half spam, half ham
+        answers = list(f16)
+        for i in [*range(wrong // 2), *range(16, 16 + wrong - wrong // 2)]:
+            answers[i] = "ham" if answers[i] == "spam" else "spam"
+        delta = paired_difference(spec, records, answers, f16, spec.primary_metric)
+        return row(q, size, delta.estimate, 0.99, (delta.low, delta.high))
+
+    allowance = ExportSpec().max_metric_drop
+    noisy, bad = file_row("Q4_K_M", 105, wrong=2), file_row("Q4_K_M", 105, wrong=8)
+    assert -noisy["delta"] > allowance and -noisy["delta_ci"][1] < allowance  # beyond it, but not significantly
+    served, failures, notes = gate([*ROWS[:2], file_row("Q8_0", 145, wrong=0), noisy], "macro_f1", ExportSpec())
+    assert served == "Q4_K_M" and not failures
+    assert len(notes) == 1 and "within the noise of these rows" in notes[0] and "on 80 rows" in notes[0]
+
+    served, failures, notes = gate([*ROWS[:2], file_row("Q8_0", 145, wrong=0), bad], "macro_f1", ExportSpec())
+    assert served == "Q8_0" and not failures
+    assert notes[0].startswith("Q4_K_M (105 MB) does not pass: macro_f1 0.156 (95% CI ")
+    assert "beyond the 0.03 allowed even at the interval's low end" in notes[0]

@@ -27,7 +27,7 @@ from tuneforge.core.gguf import (
     gguf_files,
     load_llama,
 )
-from tuneforge.core.metrics import score_outputs
+from tuneforge.core.metrics import Interval, paired_difference, score_outputs
 from tuneforge.core.modeling import load_tokenizer
 from tuneforge.core.params import ExportSpec, Params
 from tuneforge.core.paths import (
@@ -198,7 +198,8 @@ class ExportResult:
         for r in self.rows[1:]:
             key = r["label"]
             out.update({f"{key}_size_mb": r["size_mb"], f"{key}_{self.primary}": r[self.primary],
-                        f"{key}_delta": r["delta"], f"{key}_rows": r["rows"], f"{key}_top1_agreement": r["top1_agreement"],
+                        f"{key}_delta": r["delta"], f"{key}_delta_ci": r["delta_ci"], f"{key}_rows": r["rows"],
+                        f"{key}_top1_agreement": r["top1_agreement"],
                         f"{key}_mean_kl": r["mean_kl"], f"{key}_same_answers_as_reference": r["same_answers_as_reference"],
                         f"{key}_prompt_tokens_per_second": r["prompt_tok_s"],
                         f"{key}_generation_tokens_per_second": r["gen_tok_s"],
@@ -207,21 +208,33 @@ class ExportResult:
 
 
 def gate(rows: list[dict], primary: str, spec: ExportSpec) -> tuple[str | None, list[str], list[str]]:
-    """(served type, failures, notes): the smallest kept quantized file that loses at most export.max_metric_drop of
-    the f16 file's primary metric on the same rows and agrees with its next token at least export.min_top1_agreement of the time."""
+    """(served type, failures, notes): the smallest kept quantized file that passes both bars (or only
+    export.gate_quantization, when it names a type).
+
+    - The primary metric, against the f16 file (the fp32 HF model's twin) on the same rows: a file fails only when
+      its drop is significantly beyond export.max_metric_drop, that is when even the low end of the paired 95%
+      interval of f16 - file (each row's `delta_ci` negated) is above the allowance. A larger drop that the interval
+      does not confirm is within the noise of the rows evaluated (export.max_rows): the file passes, with a note.
+    - Next-token agreement with the HF model at least export.min_top1_agreement, as measured: it counts every
+      teacher-forced answer token of the parity rows (~2,000), not a few dozen answers.
+    """
     candidates = sorted((r for r in rows if r.get("kept_quantization")), key=lambda r: r["size_mb"])
     if spec.gate_quantization != "smallest":
         candidates = [r for r in candidates if r["kept_quantization"] == spec.gate_quantization]
     notes = []
     for r in candidates:
+        drop = -Interval.from_metrics(r, "delta")
+        measured = f"{primary} {drop.describe()} below the f16 file's, the fp32 HF model's twin, on {r['rows']} rows"
         short = []
-        if r["delta"] < -spec.max_metric_drop:
-            short.append(f"{primary} {-r['delta']:.3f} below the f16 file's, the fp32 HF model's twin "
-                         f"(allowed {spec.max_metric_drop})")
+        if drop.low > spec.max_metric_drop:
+            short.append(f"{measured}: beyond the {spec.max_metric_drop} allowed even at the interval's low end")
         if r["top1_agreement"] < spec.min_top1_agreement:
             short.append(f"top-1 agreement {r['top1_agreement']:.3f} < {spec.min_top1_agreement} "
                          f"(short by {spec.min_top1_agreement - r['top1_agreement']:.3f})")
         if not short:
+            if drop.estimate > spec.max_metric_drop:
+                notes.append(f"{r['kept_quantization']} passes: {measured}, more than the {spec.max_metric_drop} "
+                             "allowed but within the noise of these rows (the interval reaches the allowance)")
             return r["kept_quantization"], [], notes
         notes.append(f"{r['kept_quantization']} ({r['size_mb']:.0f} MB) does not pass: " + "; ".join(short))
     return None, notes or ["no quantized file to gate"], notes
@@ -248,10 +261,11 @@ class _Evaluator:
         parity = next_token_parity(self.parity, llm, desc=f"{model} next-token parity")
         llm.close()
         score = score_outputs(self.spec, records, run.outputs)[self.primary]
-        hf_score = score_outputs(self.spec, records, hf_outputs)[self.primary]
+        # Paired on the same rows: the gate's evidence that a drop is more than the noise of these rows.
+        delta = paired_difference(self.spec, records, run.outputs, hf_outputs, self.primary)
         limit = self.bandwidth * 1e9 / size_bytes  # tokens/s if each token only had to stream the file once
         return ({"model": model, "label": label, "file": str(path.relative_to(repo_root())), "size_mb": size_bytes / 1e6,
-                 self.primary: score, "delta": score - hf_score, "rows": len(records),
+                 self.primary: score, **delta.to_metrics("delta"), "rows": len(records),
                  "top1_agreement": parity["top1_agreement"], "mean_kl": parity["mean_kl"],
                  "same_answers_as_reference": float(np.mean([a == b for a, b in zip(run.outputs, hf_outputs)])) if records else None,
                  "prompt_tok_s": run.prompt_tokens_per_second, "gen_tok_s": run.generation_tokens_per_second,
@@ -343,7 +357,8 @@ def run_export(task: str, params: Params) -> ExportResult:
     add(f"GGUF base {cfg.base_quantization} + adapter", "adapter", adapter_gguf_file(task), len(records), with_adapter,
         size_bytes=base_file.stat().st_size + adapter_gguf_file(task).stat().st_size)
     merged_same_type = outputs.get(cfg.base_quantization)
-    extra = {"memory_bandwidth_gb_s": bandwidth, "imatrix_rows": imatrix_rows,
+    # The rows that decided the gate (export.max_rows of them) out of the evaluated test split.
+    extra = {"test_rows": len(predictions), "memory_bandwidth_gb_s": bandwidth, "imatrix_rows": imatrix_rows,
              "imatrix_seconds": imatrix_seconds, "adapter_file_size_mb": adapter_gguf_file(task).stat().st_size / 1e6,
              "base_gguf_size_mb": base_file.stat().st_size / 1e6}
     if merged_same_type is not None:
