@@ -194,11 +194,11 @@ def test_size_check_runs_while_the_body_streams_in(server):
     early answer can arrive (the old code waited for the rest and the read timed out)."""
     _, log, port = server
     before = logged_lines(log)
-    declared = raw_request(port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    declared = raw_request(port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                            b"content-length: 20000000\r\n\r\n", [b'{"messages": [' + b" " * 1000])
     assert declared.startswith(b"HTTP/1.1 413")
     chunk = b" " * 8192
-    chunked = raw_request(port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    chunked = raw_request(port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                           b"transfer-encoding: chunked\r\n\r\n", [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 8)
     assert chunked.startswith(b"HTTP/1.1 413")
     assert logged_lines(log) == before

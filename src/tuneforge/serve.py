@@ -9,11 +9,29 @@ model file hash, timestamp): the current traffic the drift stage compares with t
 Only two routes are answered: POST /v1/chat/completions (checked, given the task's system prompt, logged)
 and GET /v1/models (the task name, no input). Everything else llama-cpp-python offers (raw completions,
 embeddings, tokenizer endpoints, API docs, CORS preflight) is refused, so no traffic escapes the log.
-The server binds to loopback by default; any other address needs an API key.
+The server binds to loopback by default; any other address needs an API key. Without a key, only requests whose
+Host header names loopback (localhost, 127.0.0.1, [::1]) are answered, so a web page on another site cannot reach
+the server through DNS rebinding; no response carries CORS headers, so browsers share no answer with other sites.
+
+What is served is what was evaluated: the task's system prompt, its grammar, greedy decoding and its
+max_new_tokens. A client sends messages (no system message, or the task's own; the last one the user's non-blank
+input, without the chat template's special tokens), optionally `model`, `user` and a lower `max_tokens` (logged as
+client_max_tokens), and temperature 0, n 1, stream false if it sends them at all; any other field (grammar,
+response_format, tools, functions, stop, logit_bias, penalties, sampling settings) is refused with a 400, so no
+client grammar ever reaches llama.cpp (an unparsable one crashed it). Inputs and answers are logged with e-mail
+addresses, phone numbers and card numbers redacted (core.pii, the audit's detector).
+
+Limits (set below): an answer stops after ANSWER_SECONDS (finish_reason "length"); a request's head must arrive
+within HEAD_SECONDS of the connection opening (or of its previous answer) and be at most MAX_HEAD_BYTES, its body
+within BODY_SECONDS and at most 6 bytes a character of 2 * n_ctx characters plus 16 KiB; over LIMIT_CONCURRENCY
+open connections and requests, requests get a 503; connections past MAX_CONNECTIONS are answered 503 and closed as
+they open; idle keep-alive connections close after KEEP_ALIVE_SECONDS; on shutdown, running requests get
+SHUTDOWN_SECONDS.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -23,9 +41,12 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from tuneforge.core.chat import special_tokens_in
 from tuneforge.core.constraints import constrain_request
 from tuneforge.core.params import OutputSpec
+from tuneforge.core.pii import redact
 from tuneforge.core.traffic import append_request
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see export.py: spin-waits stall a busy small machine
@@ -33,6 +54,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see export.py: spin-waits
 API_KEY_ENV = "TUNEFORGE_API_KEY"
 CHAT = "/v1/chat/completions"
 ROUTES = {CHAT: "POST", "/v1/models": "GET"}
+
+# Request fields a client may send besides `messages`; the fields in EVALUATED only with the value evaluation used.
+# Everything else changes how an answer is decoded, so it is refused.
+CLIENT_FIELDS = {"messages", "model", "user", "max_tokens"}
+EVALUATED = {"temperature": 0, "n": 1, "stream": False}
+
+ANSWER_SECONDS = 30  # generation stops here (the embedded model: 40 tokens after a 600-word prompt took 16 s on 2 busy cores)
+HEAD_SECONDS = 10  # for a request's line and headers, from the connection's opening or its previous answer
+BODY_SECONDS = 10  # for the whole body once the head is in
+MAX_HEAD_BYTES = 16_384  # request line and headers (h11's default, stated)
+KEEP_ALIVE_SECONDS = 5  # an idle connection between requests
+LIMIT_CONCURRENCY = 64  # open connections and running requests, past which uvicorn answers 503 (answers queue on one model)
+MAX_CONNECTIONS = 128  # past this, a new connection is answered 503 and closed at once: open files stay bounded
+SHUTDOWN_SECONDS = 5  # what running requests get on SIGTERM before they are cancelled
 
 
 class ServeError(ValueError):
@@ -52,6 +87,8 @@ class Route:
     base_sha256: str | None = None
     # The task's output kind: each request decodes under its grammar (core.constraints), as evaluated.
     output: OutputSpec | None = None
+    max_new_tokens: int = 96  # the task's token budget, as evaluated
+    special_tokens: tuple[str, ...] = ()  # the served model's control tokens as text: refused in messages
 
     def log_fields(self) -> dict:
         fields = {"model_file": self.model_file.name, "model_sha256": self.model_sha256}
@@ -63,11 +100,12 @@ class Route:
 class RequestLog:
     """ASGI middleware in front of llama-cpp-python's app.
 
-    For every HTTP request: API key (when set), route, then for chat completions: content type, size while
-    the body streams in, JSON, message shape, a character limit over every string, the task (by the `model`
-    field when several are served), the task's system prompt when the client sent none; the answer is logged
-    to that task's file before the client hears back. Errors are short JSON messages in OpenAI's shape that
-    never echo the (rewritten) request.
+    For every HTTP request: Host (without an API key), API key (when set), route, then for chat completions:
+    content type, size and time while the body streams in, JSON, message shape, a character limit over every
+    string, the task (by the `model` field when several are served), the task's contract (module docstring), then
+    the task's system prompt, grammar and token cap are applied; the answer is logged (redacted) to that task's
+    file before the client hears back. Errors are short JSON messages in OpenAI's shape that never echo the
+    (rewritten) request.
     """
 
     def __init__(self, app, *, routes: dict[str, Route], max_input_chars: int, api_key: str | None = None):
@@ -76,7 +114,8 @@ class RequestLog:
         self.max_input_chars = max_input_chars
         # A character escapes to at most 6 bytes (\uXXXX); field names and punctuation get a fixed allowance.
         self.max_body_bytes = 6 * max_input_chars + 16_384
-        self.api_key = api_key
+        # Compared as UTF-8 bytes: header values arrive as bytes, and hmac.compare_digest refuses non-ASCII str.
+        self.api_key = api_key.encode("utf-8") if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -84,6 +123,10 @@ class RequestLog:
         if scope["type"] != "http":  # websockets: nothing here speaks them
             return await send({"type": "websocket.close", "code": 1008})
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key is None and not addressed_to_loopback(headers.get("host", "")):
+            return await reply_error(send, 421, f"Host {headers.get('host', '')!r} is not a name of this server: "
+                                     "without an API key it answers only requests addressed to localhost, 127.0.0.1 "
+                                     f"or [::1] (so no web page can drive it); set ${API_KEY_ENV} to serve other names")
         if self.api_key and not self.authorised(headers.get("authorization", "")):
             return await reply_error(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                      extra_headers=[(b"www-authenticate", b"Bearer")])
@@ -109,18 +152,22 @@ class RequestLog:
         await self.answer(scope, receive, send, payload, route)
 
     def authorised(self, header: str) -> bool:
-        scheme, _, key = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
+        scheme, _, key = header.partition(" ")  # header: the raw bytes, read as latin-1
+        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode("latin-1"), self.api_key)
 
     async def read_body(self, receive, declared: str | None) -> tuple[bytes, str, int]:
         """The body, read chunk by chunk and refused as soon as it passes max_body_bytes (a declared
-        Content-Length over the limit is refused before reading anything)."""
+        Content-Length over the limit is refused before reading anything) or BODY_SECONDS."""
         too_big = f"request body exceeds this server's limit of {self.max_body_bytes} bytes"
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return b"", too_big, 413
         chunks, size, more = [], 0, True
+        deadline = time.monotonic() + BODY_SECONDS
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except TimeoutError:
+                return b"", f"the request body did not arrive within this server's limit of {BODY_SECONDS} s", 408
             if message["type"] == "http.disconnect":
                 return b"", "client disconnected", 400
             chunk = message.get("body", b"")
@@ -143,12 +190,16 @@ class RequestLog:
             if route is None:
                 return {}, None, (f"'model' must name one of the tasks this server answers: {sorted(self.routes)} "
                                   "(GET /v1/models lists them)"), 404
-            payload["model"] = route.task
+        problem = contract_problem(payload, route)
+        if problem:
+            return {}, None, problem, 400
+        payload["model"] = route.task
         if payload["messages"][0]["role"] != "system" and route.system_prompt:
             payload["messages"] = [{"role": "system", "content": route.system_prompt}, *payload["messages"]]
-        payload.setdefault("temperature", 0.0)
+        payload["temperature"] = 0.0
+        payload["max_tokens"] = min(payload.get("max_tokens") or route.max_new_tokens, route.max_new_tokens)
         if route.output is not None:  # decoded as evaluated: the task's grammar, plain greedy (llama.cpp's default 1.1)
-            payload.setdefault("repeat_penalty", 1.0)
+            payload["repeat_penalty"] = 1.0
             constrain_request(payload, route.output)
         return payload, route, "", 200
 
@@ -160,6 +211,8 @@ class RequestLog:
             return {}, f"request body is not UTF-8 (byte {err.start})", 400
         except json.JSONDecodeError as err:
             return {}, f"request body is not valid JSON: {err}", 400
+        except ValueError:  # int() refuses a number of more than 4,300 digits
+            return {}, "request body holds a number with more digits than this server reads", 400
         except RecursionError:
             return {}, "request body is nested too deeply", 400
         if not isinstance(payload, dict):
@@ -227,11 +280,41 @@ class RequestLog:
         await send({"type": "http.response.body", "body": body})
 
     def log(self, route: Route, payload: dict, answer: dict, seconds: float) -> None:
-        user = [m["content"] for m in payload["messages"] if m.get("role") == "user"]
+        """One line: the input (the last user message, checked non-blank) and the answer, personal data redacted;
+        a client's lower max_tokens, the one setting it may change, is logged with them."""
+        choice = answer["choices"][0]
+        overrides = {"client_max_tokens": payload["max_tokens"]} if payload["max_tokens"] < route.max_new_tokens else {}
         append_request(route.log_file, {
-            "task": route.task, "input": user[-1] if user else "", "output": answer["choices"][0]["message"]["content"],
+            "task": route.task, "input": redact(payload["messages"][-1]["content"]),
+            "output": redact(choice["message"]["content"]), "finish_reason": choice["finish_reason"], **overrides,
             "latency_ms": 1000 * seconds, **route.log_fields(),
         })
+
+
+def contract_problem(payload: dict, route: Route) -> str:
+    """Why a request would not be answered as its task was evaluated, or "" (the module docstring's contract)."""
+    refused = sorted(k for k, v in payload.items()
+                     if v is not None and k not in CLIENT_FIELDS and not (k in EVALUATED and v == EVALUATED[k]))
+    if refused:
+        grammar = "under its own grammar, " if route.output is not None and route.output.constrained else ""
+        return (f"{', '.join(refused)}: not accepted here. {route.task}'s answers are decoded as it was evaluated "
+                f"({grammar}greedy, after its own system prompt, at most {route.max_new_tokens} new tokens); a client "
+                "may send messages, model, user and max_tokens")
+    max_tokens = payload.get("max_tokens")
+    if max_tokens is not None and max_tokens < 1:  # llama.cpp reads 0 and below as "no limit"
+        return f"max_tokens must be at least 1 (this task answers in at most {route.max_new_tokens})"
+    messages = payload["messages"]
+    if any(m["role"] == "system" and (i > 0 or m["content"] != route.system_prompt) for i, m in enumerate(messages)):
+        return (f"the system prompt is {route.task}'s own, as evaluated: send no system message (the server adds it)"
+                if route.system_prompt else f"{route.task} was evaluated without a system prompt: send none")
+    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        return "the last message must be the user's input, and not blank: it is what the task answers"
+    for i, message in enumerate(messages):
+        found = special_tokens_in(message["content"], route.special_tokens)
+        if found:
+            return (f"message {i} holds the chat template's special tokens {found}: the model would read them as turn "
+                    "markers; send the text without them")
+    return ""
 
 
 def field_problems(payload: dict) -> str:
@@ -296,6 +379,16 @@ async def reply_error(send, status: int, message: str, extra_headers: list | Non
     await send({"type": "http.response.body", "body": body})
 
 
+def addressed_to_loopback(host_header: str) -> bool:
+    """Whether a Host header names loopback (any port): what a keyless server accepts, so that a name an attacker
+    points at 127.0.0.1 (DNS rebinding) does not reach it from a browser."""
+    try:
+        name = urlsplit(f"//{host_header}").hostname
+    except ValueError:
+        return False
+    return name is not None and is_loopback(name)
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -306,8 +399,9 @@ def is_loopback(host: str) -> bool:
 
 
 def resolve_api_key(host: str, api_key: str | None) -> str | None:
-    """The key from --api-key or $TUNEFORGE_API_KEY; required when the server listens beyond loopback."""
-    key = api_key or os.environ.get(API_KEY_ENV) or None
+    """The key from --api-key or $TUNEFORGE_API_KEY, without surrounding whitespace (a trailing newline from a file
+    or an environment variable could never be sent back); required when the server listens beyond loopback."""
+    key = (api_key or os.environ.get(API_KEY_ENV) or "").strip() or None
     if key is None and not is_loopback(host):
         raise ServeError(f"--host {host} exposes the model beyond this machine: set an API key with "
                          f"${API_KEY_ENV} (or --api-key); clients send it as 'Authorization: Bearer <key>'")
@@ -336,60 +430,169 @@ class TaskAdapterProxy:
 def build_app(task: str | None = None, quantization: str | None = None, n_ctx: int = 1024, api_key: str | None = None):
     """task: serve that task's merged GGUF (quantization: a type from export.quantizations; by default the one
     its export gate chose); None: every task from one base GGUF with each task's adapter."""
-    from llama_cpp.server.app import create_app
-    from llama_cpp.server.settings import ModelSettings, ServerSettings
+    import llama_cpp.server.app as server_app
+    from llama_cpp.server.settings import ModelSettings
 
     from tuneforge.core.gguf import file_sha256, served_quantization
     from tuneforge.core.params import load_params
-    from tuneforge.core.paths import models_dir, production_file
+    from tuneforge.core.paths import production_file, task_gguf_file
 
     params = load_params()
     if task is None:
         return build_multi_task_app(params, n_ctx, api_key)
     try:
         spec = params.task(task)
-        model_file = models_dir(task) / "gguf" / f"model-{quantization or served_quantization(task)}.gguf"
+        model_file = task_gguf_file(task, quantization or served_quantization(task))
     except (KeyError, FileNotFoundError, ValueError) as err:
         raise ServeError(err.args[0]) from None
     if not model_file.exists():
         raise ServeError(f"{model_file} does not exist: run `dvc repro export@{task}` first")
-    # The key is checked twice: by RequestLog before any body is read, and by llama-cpp-python's own routes.
-    app = create_app(server_settings=ServerSettings(api_key=api_key),
-                     model_settings=[ModelSettings(model=str(model_file), model_alias=task, n_ctx=n_ctx,
-                                                   n_threads=params.export.n_threads, verbose=False)])
-    route = Route(task, production_file(task), spec.system_prompt, model_file, file_sha256(model_file), output=spec.output)
-    # A character is at least a quarter of a token here; keep room for the answer in the context.
-    return RequestLog(app, routes={task: route}, max_input_chars=2 * n_ctx, api_key=api_key)
+    app = server_app.create_app(server_settings=server_settings(api_key),
+                                model_settings=[ModelSettings(model=str(model_file), model_alias=task, n_ctx=n_ctx,
+                                                              n_threads=params.export.n_threads, verbose=False)])
+    llm = server_app._llama_proxy._current_model  # loaded by create_app's LlamaProxy
+    route = Route(task, production_file(task), spec.system_prompt, model_file, file_sha256(model_file), output=spec.output,
+                  max_new_tokens=spec.max_new_tokens, special_tokens=control_token_strings(llm))
+    return guarded_app(app, llm, {task: route}, n_ctx, api_key)
 
 
 def build_multi_task_app(params, n_ctx: int, api_key: str | None):
     """Every task in params.yaml over models/base_gguf, each with its adapter from its export stage."""
     import llama_cpp.server.app as server_app
-    from llama_cpp.server.settings import ModelSettings, ServerSettings
+    from llama_cpp.server.settings import ModelSettings
 
     from tuneforge.core.adapters import AdapterSwitch
-    from tuneforge.core.gguf import adapter_gguf, file_sha256
-    from tuneforge.core.paths import base_gguf_dir, production_file
+    from tuneforge.core.gguf import file_sha256
+    from tuneforge.core.paths import adapter_gguf_file, base_gguf_file, production_file
 
-    base_file = base_gguf_dir() / f"model-{params.export.base_quantization}.gguf"
+    base_file = base_gguf_file(params.export.base_quantization)
     if not base_file.exists():
         raise ServeError(f"{base_file} does not exist: run `dvc repro base_gguf` first")
-    missing = [t for t in params.tasks if not adapter_gguf(t).exists()]
+    missing = [t for t in params.tasks if not adapter_gguf_file(t).exists()]
     if missing:
         raise ServeError(f"no GGUF adapter for {missing}: run `dvc repro {' '.join(f'export@{t}' for t in missing)}` "
                          "(or serve one task with --task)")
     tasks = list(params.tasks)
-    app = server_app.create_app(server_settings=ServerSettings(api_key=api_key),
+    app = server_app.create_app(server_settings=server_settings(api_key),
                                 model_settings=[ModelSettings(model=str(base_file), model_alias=tasks[0], n_ctx=n_ctx,
                                                               n_threads=params.export.n_threads, verbose=False)])
     # create_app loaded the base through its LlamaProxy; the adapters attach to that same Llama, and a proxy
     # that switches adapters replaces it (llama-cpp-python 0.3.36 keeps it in this module-level variable).
-    switch = AdapterSwitch(server_app._llama_proxy._current_model, {t: adapter_gguf(t) for t in tasks})
+    switch = AdapterSwitch(server_app._llama_proxy._current_model, {t: adapter_gguf_file(t) for t in tasks})
     server_app._llama_proxy = TaskAdapterProxy(switch)
     base_sha = file_sha256(base_file)
-    routes = {t: Route(t, production_file(t), params.tasks[t].system_prompt, adapter_gguf(t),
-                       file_sha256(adapter_gguf(t)), base_file, base_sha, output=params.tasks[t].output) for t in tasks}
+    specials = control_token_strings(switch.llm)
+    routes = {t: Route(t, production_file(t), params.tasks[t].system_prompt, adapter_gguf_file(t),
+                       file_sha256(adapter_gguf_file(t)), base_file, base_sha, output=params.tasks[t].output,
+                       max_new_tokens=params.tasks[t].max_new_tokens, special_tokens=specials) for t in tasks}
+    return guarded_app(app, switch.llm, routes, n_ctx, api_key)
+
+
+def server_settings(api_key: str | None):
+    """llama-cpp-python's settings: its routes check the key too, comparing it with the header as Starlette decodes
+    it (latin-1), so a non-ASCII key is given to them in that form."""
+    from llama_cpp.server.settings import ServerSettings
+
+    return ServerSettings(api_key=api_key.encode("utf-8").decode("latin-1") if api_key else None)
+
+
+def guarded_app(app, llm, routes: dict[str, Route], n_ctx: int, api_key: str | None) -> RequestLog:
+    """llama-cpp-python's app without its CORS middleware (it allowed every origin, with credentials), its model's
+    answers cut at ANSWER_SECONDS, behind RequestLog."""
+    from fastapi.middleware.cors import CORSMiddleware
+
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]  # read on the first request
+    limit_answer_time(llm, ANSWER_SECONDS)
+    # A character is at least a quarter of a token here; keep room for the answer in the context.
     return RequestLog(app, routes=routes, max_input_chars=2 * n_ctx, api_key=api_key)
+
+
+def control_token_strings(llm) -> tuple[str, ...]:
+    """The text of every control token in the model's GGUF vocabulary: its chat template's markers (<|im_start|>,
+    <|im_end|>, ...), which a message must not hold."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return tuple(llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", errors="replace")
+                 for token in range(llm.n_vocab())
+                 if llama_cpp.llama_vocab_get_attr(vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL)
+
+
+def limit_answer_time(llm, seconds: float) -> None:
+    """Stop every answer of llm `seconds` after its generation starts, with finish_reason "length".
+
+    llama-cpp-python's chat route passes no stopping criteria, but its chat handler generates through
+    llm.create_completion: that method, on this instance, adds a deadline to the criteria the handler gives.
+    """
+    from llama_cpp import StoppingCriteriaList
+
+    create_completion = llm.create_completion
+
+    def create_completion_in_time(*args, stopping_criteria=None, **kwargs):
+        deadline = time.monotonic() + seconds
+        late = False
+
+        def past_deadline(tokens, logits) -> bool:
+            nonlocal late
+            late = time.monotonic() > deadline
+            return late
+
+        reply = create_completion(*args, stopping_criteria=StoppingCriteriaList([*(stopping_criteria or []), past_deadline]),
+                                  **kwargs)
+        if late:
+            reply["choices"][0]["finish_reason"] = "length"
+        return reply
+
+    llm.create_completion = create_completion_in_time
+
+
+def guarded_h11_protocol():
+    """uvicorn's h11 protocol with the two guards it lacks (uvicorn's keep-alive timer starts only after a first
+    answer, so idle or trickling connections stayed open for ever, ~20,000 of them exhausting open files):
+    a connection past MAX_CONNECTIONS is answered 503 and closed as it opens, and one that has not sent a whole
+    request head HEAD_SECONDS after it opened (or after its previous answer) is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        head_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > MAX_CONNECTIONS:
+                transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                transport.close()
+            else:
+                self.wait_for_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.wait_for_head()
+
+        def connection_lost(self, exc) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def wait_for_head(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(HEAD_SECONDS, self.close_if_no_head)
+
+        def close_if_no_head(self) -> None:
+            waiting_for_head = self.cycle is None or self.cycle.response_complete  # a request's cycle starts at its head
+            if waiting_for_head and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def uvicorn_config(app, host: str, port: int):
+    """uvicorn's settings for `tuneforge serve`: the limits of the module docstring."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", http=guarded_h11_protocol(),
+                          limit_concurrency=LIMIT_CONCURRENCY, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                          h11_max_incomplete_event_size=MAX_HEAD_BYTES, timeout_graceful_shutdown=SHUTDOWN_SECONDS)
 
 
 def serve(task: str | None, host: str, port: int, quantization: str | None, api_key: str | None = None) -> None:
@@ -402,4 +605,4 @@ def serve(task: str | None, host: str, port: int, quantization: str | None, api_
     if not is_loopback(host):
         print(f"tuneforge serve: listening on {host}:{port} with an API key, over plain HTTP: put a TLS proxy in "
               "front of it before the key crosses a network you do not trust", file=sys.stderr)
-    uvicorn.run(build_app(task, quantization, api_key=key), host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn_config(build_app(task, quantization, api_key=key), host, port)).run()

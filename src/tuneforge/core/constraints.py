@@ -231,9 +231,9 @@ def hf_logits_processor(tokenizer, n_vocab: int, grammars: list[str]):
 
 def constrain_request(payload: dict, output: OutputSpec) -> dict:
     """An OpenAI-style chat request given the task's grammar for its last user message (llama-cpp-python's server
-    reads `grammar`); left alone when the task decodes freely or the client chose a format (grammar or
-    response_format)."""
-    if output.constrained and "grammar" not in payload and "response_format" not in payload:
+    reads `grammar`); left alone when the task decodes freely. A grammar the payload held is replaced: no client
+    grammar is used (`tuneforge serve` refuses them: one llama.cpp cannot parse crashes it)."""
+    if output.constrained:
         user = [m["content"] for m in payload.get("messages", []) if m.get("role") == "user"]
         payload["grammar"] = grammar_for(output, user[-1] if user else "")
     return payload
