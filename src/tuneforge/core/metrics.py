@@ -289,9 +289,9 @@ class Interval:
         return cls(estimate, *bounds)
 
     def bounds(self, form: Callable[[float], str] = "{:.3f}".format) -> str:
-        """"95% CI 0.742–0.831" ("to" between the ends when one is negative, where a dash reads as a minus sign)."""
-        sep = "–" if self.low >= 0 else " to "
-        return f"{CONFIDENCE:.0%} CI {form(self.low)}{sep}{form(self.high)}"
+        """"95% CI 0.742–0.831"; "95% CI -0.061 to +0.000" between signed ends, where a dash would read as a minus."""
+        low, high = form(self.low), form(self.high)
+        return f"{CONFIDENCE:.0%} CI {low}{' to ' if low[0] in '+-' else '–'}{high}"
 
     def describe(self, form: Callable[[float], str] = "{:.3f}".format) -> str:
         """"0.787 (95% CI 0.742–0.831)"."""
