@@ -227,3 +227,34 @@ def test_the_index_stage_declares_what_it_writes_and_shows():
     assert set(stage["params"]) == set(PARAMS_SHOWN)  # the page shows no setting that could be stale
     outs = {next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]}
     assert outs == {"reports/index.html", str(MODEL_CARDS)}
+
+
+def test_headline_numbers_show_their_intervals(repo):
+    """Every headline number shows the interval its metrics file holds; metrics without intervals (as committed
+    before them, and as the other tests use) still render."""
+    task, spec = next(iter(tasks(repo).items()))
+    primary = spec["primary_metric"]
+    plain = "exact_match" if spec["output"]["kind"] == "json_object" else "accuracy"
+    ev, ex = metrics(repo, task, "eval"), metrics(repo, task, "export")
+    served = ex["served_quantization"]
+    write_metrics(repo, task, "eval", {**ev, f"tuned_{primary}": 0.787, f"tuned_{primary}_ci": [0.742, 0.831],
+                                       f"base_{primary}_ci": [0.0, 0.01], f"delta_{primary}_ci": [0.73, 0.82],
+                                       f"tuned_{plain}": 0.48, f"tuned_{plain}_ci": [0.4, 0.56]})
+    write_metrics(repo, task, "export", {**ex, f"{served}_delta": -0.03, f"{served}_delta_ci": [-0.061, 0.0],
+                                         "rows": 80, "test_rows": 141})
+    part = section(index(repo), task)
+    lead = text(part.split('<p class="lead">')[1].split("</p>")[0])
+    assert "48% (95% CI 40%–56%)" in lead and "on 80 of the 141 inputs" in lead
+    assert "-0.030 against its f16 twin, 95% CI -0.061 to +0.000" in lead
+    changed = text(part.split("What changed")[1].split("</table>")[0])
+    assert "0.787 (95% CI 0.742–0.831)" in changed and "48% (95% CI 40%–56%)" in changed
+    assert f"GGUF {served} against the f16 file -0.030 (95% CI -0.061 to 0.000)" in changed
+    gates = text(part.split("<caption>Gates</caption>")[1].split("</table>")[0])
+    assert "0.787 (95% CI 0.742–0.831), at least" in gates
+    assert "-0.030 (95% CI -0.061 to +0.000) against the f16 file on 80 of the 141 test rows" in gates
+    chart = part.split("<svg")[1].split("</svg>")[0]
+    assert f'<path d="M{110 + round(0.742 * 260, 1)} ' in chart  # the tuned bar's whisker starts at its low end
+
+    _, body = card(repo, task)
+    assert "0.787 (95% CI 0.742–0.831)" in body and "-0.030 (95% CI -0.061 to +0.000)" in body
+    assert "48% (95% CI 40%–56%), a bootstrap interval over the test rows" in body.split("## Limitations")[1]

@@ -20,6 +20,7 @@ import yaml
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
+from tuneforge.core.metrics import PLAIN_METRICS, Interval
 from tuneforge.core.params import EMBEDDED_BASE, Params, TaskSpec, load_params
 from tuneforge.core.paths import STAGE_METRICS, repo_root, task_gguf_file
 
@@ -51,9 +52,9 @@ METRIC_NAMES = {"micro_f1": "micro-F1", "macro_f1": "macro-F1", "exact_match": "
 SHARES = {"exact_match", "accuracy", "valid_json", "valid_label", "valid_answer", "allowed_keys_only",
           "hallucination_rate", "drift_share", "invalid_fraction", "near_leakage_fraction", "pii_fraction",
           "over_length_fraction"}
-# The plain-language measure of each output kind: how often the whole answer is right.
-PLAIN = {"json_object": ("exact_match", "gets {share} of the {n} test inputs exactly right"),
-         "label": ("accuracy", "labels {share} of the {n} test inputs correctly")}
+# The plain-language measure of each output kind (how often the whole answer is right) and its sentence.
+PLAIN = {"json_object": (PLAIN_METRICS["json_object"], "gets {share} of the {n} test inputs exactly right"),
+         "label": (PLAIN_METRICS["label"], "labels {share} of the {n} test inputs correctly")}
 # The share of answers that fit the task's output contract (core.outputs.answer_problem), for every kind.
 VALIDITY = "valid_answer"
 SERIES_COLORS = {"base": "#9aa0a6", "baseline": "#e0a030", "tuned": "#1f6feb"}
@@ -62,10 +63,19 @@ SERIES_COLORS = {"base": "#9aa0a6", "baseline": "#e0a030", "tuned": "#1f6feb"}
 def chart_layout(groups: list[dict], subject: str) -> dict:
     """Positions for report/templates/_chart.html: metric names on the left, one bar a model, 0-1 scale."""
     left, bar_width, bar_height, gap, group_gap = 110, 260, 14, 3, 14
+
+    def x(value: float) -> float:
+        return round(max(0.0, min(1.0, value)) * bar_width, 1)
+
     y, placed = 34, []
     for group in groups:
-        bars = [{**bar, "y": y + i * (bar_height + gap), "width": round(max(0.0, min(1.0, bar["value"])) * bar_width, 1),
-                 "color": SERIES_COLORS[bar["series"]]} for i, bar in enumerate(group["bars"])]
+        bars = []
+        for i, bar in enumerate(group["bars"]):
+            interval = bar.get("interval")
+            whisker = None if interval is None else (left + x(interval.low), left + x(interval.high))
+            bars.append({**bar, "y": y + i * (bar_height + gap), "width": x(bar["value"]), "whisker": whisker,
+                         "text_x": max(left + x(bar["value"]), whisker[1] if whisker else 0) + 4,
+                         "color": SERIES_COLORS[bar["series"]]})
         bottom = y + len(bars) * (bar_height + gap) - gap
         placed.append({**group, "bars": bars, "top": y, "bottom": bottom, "label_y": (y + bottom) / 2 + 4,
                        "gate_x": None if group["gate"] is None else left + group["gate"] * bar_width})
@@ -97,6 +107,21 @@ def fmt(value, metric: str = "") -> str:
         return f"{value:,}"
     size = abs(value)  # about three significant digits: 0.484, 2.01, 88.1, 381
     return f"{value:.3f}" if size < 1 else f"{value:.2f}" if size < 10 else f"{value:.1f}" if size < 100 else f"{value:,.0f}"
+
+
+def with_interval(value, interval: Interval | None, metric: str = "") -> str:
+    """A headline number and, when its metrics file has one, its interval: "0.787 (95% CI 0.742–0.831)"."""
+    if interval is None:
+        return fmt(value, metric)
+    return interval.describe(lambda v: fmt(v, metric))
+
+
+def signed(value, interval: Interval | None = None) -> str:
+    """A difference with its sign, and its interval when there is one: "-0.030 (95% CI -0.061 to +0.000)"."""
+    if value is None:
+        return "–"
+    form = "{:+.3f}".format
+    return form(value) if interval is None else interval.describe(form)
 
 
 def metric_of(key: str) -> str:
@@ -141,6 +166,12 @@ class Row:
     metric: str = ""          # decides the format (shares as %)
     better: str | None = None  # "higher", "lower" or None (neither is better: speed on a shared CPU, sizes)
     unit: str = ""
+    interval: Interval | None = None  # the number's interval now, when its metrics file has one
+
+    @property
+    def ci(self) -> str:
+        """"95% CI 0.742–0.831", or '' without an interval."""
+        return self.interval.bounds(lambda v: fmt(v, self.metric)) if self.interval else ""
 
     @property
     def changed(self) -> bool:
@@ -200,6 +231,10 @@ class TaskReport:
         """A number as committed at HEAD (None when it was not)."""
         return self.previous.get(stage, {}).get(key)
 
+    def interval(self, stage: str, key: str) -> Interval | None:
+        """A number's interval as its stage wrote it; None for metrics written before intervals were."""
+        return Interval.from_metrics(self.metrics[stage], key)
+
     @property
     def audit(self) -> dict:
         return self.metrics["audit"]
@@ -248,10 +283,11 @@ class TaskReport:
             return "Not evaluated yet: run `dvc repro` to train and evaluate this task."
         metric = self.plain_metric
         tuned, base = ev[f"tuned_{metric}"], ev.get(f"base_{metric}")
+        tuned_text = with_interval(tuned, self.interval("eval", f"tuned_{metric}"), metric)
         if metric == PLAIN[self.spec.output.kind][0]:
-            what = PLAIN[self.spec.output.kind][1].format(share=fmt(tuned, metric), n=fmt(ev.get("test_rows")))
+            what = PLAIN[self.spec.output.kind][1].format(share=tuned_text, n=fmt(ev.get("test_rows")))
         else:
-            what = f"scores {fmt(tuned, metric)} {metric_name(metric)} on {fmt(ev.get('test_rows'))} test inputs"
+            what = f"scores {tuned_text} {metric_name(metric)} on {fmt(ev.get('test_rows'))} test inputs"
         sentence = f"The fine-tuned model {what}"
         if base is not None:
             sentence += (", the same as before fine-tuning" if fmt(base, metric) == fmt(tuned, metric)
@@ -264,18 +300,30 @@ class TaskReport:
             name = metric_name(self.primary)
             sentence += (f"; the {size:.0f} MB {self.served} file for phones and laptops "
                          + ("keeps that quality" if ex.get("gate_passed") else "loses quality")
-                         + f" ({name} {fmt(q_score)} against the full model's {fmt(hf)} on {fmt(ex.get('rows'))} inputs)")
+                         + f" ({name} {fmt(q_score)} against the full model's {fmt(hf)} on {self.export_rows()} inputs")
+            delta = self.interval("export", f"{self.served}_delta")
+            if delta is not None:
+                sentence += f"; {signed(delta.estimate)} against its f16 twin, {delta.bounds('{:+.3f}'.format)}"
+            sentence += ")"
         return sentence + "."
+
+    def export_rows(self) -> str:
+        """How many test rows decided the export gate: "80 of the 141" (export.max_rows), or "141"."""
+        rows, of = self.export.get("rows"), self.export.get("test_rows")
+        return f"{fmt(rows)} of the {fmt(of)}" if of is not None and of != rows else fmt(rows)
 
     def chart(self) -> dict:
         """The bar chart: the primary metric, the plain one and answer validity, each as base / classical baseline
-        (when evaluated) / tuned, all on a 0-1 scale; the evaluation gate marked on the primary metric."""
+        (when evaluated) / tuned, all on a 0-1 scale, with a whisker for each interval in eval.json; the evaluation
+        gate marked on the primary metric."""
         metrics = list(dict.fromkeys([self.primary, self.plain_metric, VALIDITY]))
         groups = []
         for metric in metrics:
             bars = [(who, label, self.eval.get(f"{who}_{metric}")) for who, label in
                     (("base", "base model"), ("baseline", "classical baseline"), ("tuned", "fine-tuned"))]
-            bars = [{"series": who, "label": label, "value": v, "text": fmt(v, metric)}
+            bars = [{"series": who, "label": label, "value": v, "text": fmt(v, metric),
+                     "interval": self.interval("eval", f"{who}_{metric}"),
+                     "detail": with_interval(v, self.interval("eval", f"{who}_{metric}"), metric)}
                     for who, label, v in bars if isinstance(v, (int, float))]
             if bars:
                 groups.append({"metric": metric_name(metric), "bars": bars,
@@ -291,13 +339,9 @@ class TaskReport:
                  f"{fmt(audit.get('train_records'))} training records, {fmt(audit.get('quarantined'))} quarantined, "
                  f"{fmt(audit.get('exact_leakage'))} test inputs also in train" if audit else "",
                  old("audit", "gate_passed")),
-            Gate("Evaluation", ev.get("gate_passed"),
-                 f"tuned {metric_name(self.primary)} {fmt(ev.get(f'tuned_{self.primary}'))}, at least "
-                 f"{fmt(self.min_score)} required" if ev else "", old("eval", "gate_passed")),
+            Gate("Evaluation", ev.get("gate_passed"), self._evaluation_gate() if ev else "", old("eval", "gate_passed")),
             Gate(f"GGUF {self.served} file", ex.get("gate_passed"),
-                 f"{metric_name(self.primary)} {fmt(ex.get(f'{self.served}_{self.primary}'))} against the full "
-                 f"model's {fmt(ex.get(f'hf_{self.primary}'))}, at most {fmt(self.params.export.max_metric_drop)} "
-                 "lower allowed" if f"{self.served}_{self.primary}" in ex else "", old("export", "gate_passed")),
+                 self._export_gate() if f"{self.served}_{self.primary}" in ex else "", old("export", "gate_passed")),
         ]
         retrain, before = dr.get("retrain"), old("drift", "retrain")
         detail = (f"{fmt(dr.get('drifted_columns'))} of {fmt(dr.get('columns_checked'))} monitored columns drifted "
@@ -305,6 +349,26 @@ class TaskReport:
         gates.append(Gate("Live traffic (drift)", None if retrain is None else not retrain, detail,
                           None if before is None else not before, dr.get("reasons", []), ("no drift", "RETRAIN")))
         return gates
+
+    def _evaluation_gate(self) -> str:
+        name, ev = self.primary, self.eval
+        tuned = self.interval("eval", f"tuned_{name}")
+        detail = (f"tuned {metric_name(name)} {with_interval(ev.get(f'tuned_{name}'), tuned)}, at least "
+                  f"{fmt(self.min_score)} required")
+        delta = self.interval("eval", f"delta_{name}")
+        if delta is not None:
+            detail += f"; tuned − base {signed(delta.estimate, delta)}"
+        return detail + ("; fails only when the whole interval misses" if tuned is not None else "")
+
+    def _export_gate(self) -> str:
+        ex, served, allowed = self.export, self.served, fmt(self.params.export.max_metric_drop)
+        detail = (f"{metric_name(self.primary)} {fmt(ex.get(f'{served}_{self.primary}'))} against the full model's "
+                  f"{fmt(ex.get(f'hf_{self.primary}'))}")
+        delta = self.interval("export", f"{served}_delta")
+        if delta is None:
+            return detail + f", at most {allowed} lower allowed"
+        return (detail + f"; {signed(delta.estimate, delta)} against the f16 file on {self.export_rows()} test rows: "
+                f"fails only when the whole interval is more than {allowed} lower")
 
     def verdict(self) -> str:
         gates = self.gates()
@@ -324,22 +388,25 @@ class TaskReport:
     def rows(self) -> list[Row]:
         ev, ex, tr, au, dr, old = self.eval, self.export, self.train, self.audit, self.drift, self.committed
         primary, plain, served = self.primary, self.plain_metric, self.served
-        rows = [Row(f"fine-tuned {metric_name(primary)}", ev.get(f"tuned_{primary}"), old("eval", f"tuned_{primary}"),
-                    primary, "higher")]
+
+        def evaluated(label: str, key: str, metric: str, better: str | None = None) -> Row:
+            return Row(label, ev.get(key), old("eval", key), metric, better, interval=self.interval("eval", key))
+
+        rows = [evaluated(f"fine-tuned {metric_name(primary)}", f"tuned_{primary}", primary, "higher")]
         if plain != primary:
-            rows.append(Row(f"fine-tuned {metric_name(plain)}", ev.get(f"tuned_{plain}"), old("eval", f"tuned_{plain}"),
-                            plain, "higher"))
+            rows.append(evaluated(f"fine-tuned {metric_name(plain)}", f"tuned_{plain}", plain, "higher"))
         if f"baseline_{primary}" in ev:
-            rows.append(Row(f"classical baseline {metric_name(primary)}", ev[f"baseline_{primary}"],
-                            old("eval", f"baseline_{primary}"), primary))
+            rows.append(evaluated(f"classical baseline {metric_name(primary)}", f"baseline_{primary}", primary))
         rows += [
-            Row(f"base model {metric_name(primary)}", ev.get(f"base_{primary}"), old("eval", f"base_{primary}"), primary),
+            evaluated(f"base model {metric_name(primary)}", f"base_{primary}", primary),
             Row("validation loss after training", tr.get("best_eval_loss"), old("train", "best_eval_loss"), better="lower"),
             Row("training time", tr.get("wall_seconds"), old("train", "wall_seconds"), unit="s"),
             Row("training records", au.get("train_records"), old("audit", "train_records")),
             Row("quarantined records", au.get("quarantined"), old("audit", "quarantined"), better="lower"),
             Row(f"GGUF {served} {metric_name(primary)}", ex.get(f"{served}_{primary}"), old("export", f"{served}_{primary}"),
                 primary, "higher"),
+            Row(f"GGUF {served} against the f16 file", ex.get(f"{served}_delta"), old("export", f"{served}_delta"),
+                better="higher", interval=self.interval("export", f"{served}_delta")),
             Row(f"GGUF {served} size", ex.get(f"{served}_size_mb"), old("export", f"{served}_size_mb"), unit="MB"),
             Row(f"GGUF {served} generation speed (CPU)", ex.get(f"{served}_generation_tokens_per_second"),
                 old("export", f"{served}_generation_tokens_per_second"), unit="tokens/s"),
@@ -405,19 +472,27 @@ class TaskReport:
         return f"baseline_{self.primary}" in self.eval
 
     def eval_table(self) -> list[dict]:
-        """Every 0-1 metric of the evaluation: base, classical baseline (when evaluated), fine-tuned."""
+        """Every 0-1 metric of the evaluation: base, classical baseline (when evaluated), fine-tuned; with its interval
+        where eval.json has one (the primary and the plain metric)."""
         names = [k.removeprefix("tuned_") for k, v in self.eval.items()
                  if k.startswith("tuned_") and not k.startswith("tuned_free_") and isinstance(v, (int, float))
                  and 0 <= v <= 1 and f"base_{k.removeprefix('tuned_')}" in self.eval]
-        return [{"metric": metric_name(m), "base": fmt(self.eval.get(f"base_{m}"), m),
-                 "baseline": fmt(self.eval.get(f"baseline_{m}"), m), "tuned": fmt(self.eval[f"tuned_{m}"], m)}
+        return [{"metric": metric_name(m), **{who: with_interval(self.eval.get(f"{who}_{m}"),
+                                                                 self.interval("eval", f"{who}_{m}"), m)
+                                              for who in ("base", "baseline", "tuned")}}
                 for m in names]
+
+    def tuning_effect(self) -> str:
+        """The paired difference tuned - base of the primary metric, with its interval ('' before intervals)."""
+        delta = self.interval("eval", f"delta_{self.primary}")
+        return "" if delta is None else signed(delta.estimate, delta)
 
     def gguf_files(self) -> list[dict]:
         ex = self.export
         return [{"name": q, "file": task_gguf_file(self.name, q).relative_to(repo_root()).as_posix(),
                  "size_mb": ex[f"{q}_size_mb"],
-                 "score": fmt(ex.get(f"{q}_{self.primary}")), "delta": ex.get(f"{q}_delta"),
+                 "score": fmt(ex.get(f"{q}_{self.primary}")),
+                 "delta": signed(ex.get(f"{q}_delta"), self.interval("export", f"{q}_delta")),
                  "agreement": ex.get(f"{q}_top1_agreement"), "tokens_per_second": ex.get(f"{q}_generation_tokens_per_second"),
                  "served": q == self.served}
                 for q in ["f16", *self.params.export.quantizations] if f"{q}_size_mb" in ex]
@@ -425,12 +500,14 @@ class TaskReport:
     def limitations(self) -> list[str]:
         """What a user should know before relying on the model, each from a measured number."""
         ev, ex, tr, out = self.eval, self.export, self.train, []
-        n = ev.get("test_rows")
-        tuned = ev.get(f"tuned_{self.plain_metric}")
-        if n and tuned is not None and self.plain_metric in SHARES:
-            half = 1.96 * math.sqrt(max(tuned * (1 - tuned), 1e-9) / n)
-            out.append(f"The test split has {n:,} records: {metric_name(self.plain_metric)} {fmt(tuned, self.plain_metric)} "
-                       f"is known to about ±{half * 100:.0f} points (95% interval); smaller differences are noise.")
+        n, plain = ev.get("test_rows"), self.plain_metric
+        tuned = ev.get(f"tuned_{plain}")
+        if n and tuned is not None:
+            interval = self.interval("eval", f"tuned_{plain}")
+            out.append(f"The test split has {n:,} records: {metric_name(plain)} {with_interval(tuned, interval, plain)}"
+                       + (", a bootstrap interval over the test rows; differences inside it are noise." if interval else
+                          "; these metrics carry no interval yet (rerun the evaluation for one), so small differences "
+                          "may be noise."))
         valid = ev.get(f"tuned_{VALIDITY}")
         if valid is not None and valid < 1:
             out.append(f"{fmt(1 - valid, VALIDITY)} of the fine-tuned model's answers are not a valid "
@@ -445,10 +522,18 @@ class TaskReport:
         if tr.get("stop_reason") == "max_steps":
             out.append(f"Training stopped at its step budget ({tr.get('steps')} steps, {fmt(tr.get('train_examples'))} "
                        "training examples), not because the validation loss stopped improving.")
-        worst = min(((ex[f"{q}_delta"], q) for q in self.params.export.quantizations if f"{q}_delta" in ex), default=None)
-        if worst is not None and worst[0] < -self.params.export.max_metric_drop:
-            out.append(f"The {worst[1]} file loses {-worst[0]:.3f} {metric_name(self.primary)} against the full model; "
-                       f"use {self.served}.")
+        allowed = self.params.export.max_metric_drop
+        for q in self.params.export.quantizations:
+            if f"{q}_delta" not in ex:
+                continue
+            # Metrics from before intervals: the point estimate stands for its own interval.
+            delta = self.interval("export", f"{q}_delta") or Interval(ex[f"{q}_delta"], ex[f"{q}_delta"], ex[f"{q}_delta"])
+            drop = f"loses {(-delta).describe()} {metric_name(self.primary)} against the f16 file"
+            if delta.high < -allowed:
+                out.append(f"The {q} file {drop}, beyond the {fmt(allowed)} allowed; use {self.served}.")
+            elif delta.estimate < -allowed:
+                out.append(f"The {q} file {drop} on {self.export_rows()} test rows: more than the {fmt(allowed)} "
+                           "allowed, but within their noise; more rows (export.max_rows) would settle it.")
         out.append(f"Speeds were measured on the machine that ran the pipeline ({tr.get('device', 'cpu')}); "
                    "expect different figures elsewhere.")
         return out
