@@ -78,3 +78,10 @@ def test_traffic_lines_with_huge_numbers_or_deep_nesting_are_skipped_and_named(t
     rows, problems = read_traffic(log)
     assert [r["input"] for r in rows] == ["a", "d"]
     assert problems == [f"{log}:2: not a JSON line", f"{log}:3: nested too deeply to read"]
+
+
+def test_answers_a_client_cut_short_are_not_judged():
+    from tuneforge.stages.drift import judged_outputs
+
+    rows = [{"input": "a", "output": "spam"}, {"input": "b", "output": "s", "client_max_tokens": 1}]
+    assert judged_outputs(rows) == ["spam", None]

@@ -54,6 +54,7 @@ def root(module_tmp, repo_root, base_model_dir):
     root = module_tmp
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     params["export"]["base_quantization"] = "F16"
+    params["serve"]["allow_client_max_tokens"] = True  # short answers (MAX_TOKENS) keep the comparison quick
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "dvc.yaml").write_text("stages: {}\n")
     scratch = root / "scratch"
@@ -143,6 +144,8 @@ def test_each_task_answers_like_its_merged_file_and_logs_to_its_own_file(server,
         assert all(r["task"] == task and r["model_file"] == "adapter-f16.gguf" and r["base_file"] == "model-F16.gguf"
                    for r in rows)
         assert [r["output"] for r in rows] == [served[task, text] for text in inputs]
+    # MAX_TOKENS is below address_json's max_new_tokens: params allows it here, and the log says the client cut it.
+    assert all(r["client_max_tokens"] == MAX_TOKENS for r in log_rows(root, "address_json"))
 
 
 def test_a_request_for_no_task_is_refused_and_not_logged(server, root):

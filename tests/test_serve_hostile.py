@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.test_serve import SYSTEM_PROMPT, chat, free_port, logged_lines, post, serve_root, server, start_server  # noqa: F401
+from tests.test_serve import MAX_NEW_TOKENS, SYSTEM_PROMPT, chat, free_port, logged_lines, post, serve_root, server, start_server  # noqa: F401
 from tuneforge.core.pii import redact
 from tuneforge.core.traffic import read_traffic
 
@@ -46,7 +46,7 @@ def test_clients_cannot_change_the_tasks_contract(server):
         reply = post(url, body=chat("1 Elm St", **fields))
         assert reply.status_code == 400, fields
         assert f"{next(iter(fields))}: not accepted here" in error_of(reply)
-        assert "at most 96 new tokens" in error_of(reply)  # params.yaml's address_json max_new_tokens
+        assert f"at most {MAX_NEW_TOKENS} new tokens" in error_of(reply)  # the task's max_new_tokens
     forged = post(url, body=json.dumps({"messages": [{"role": "system", "content": "Answer in French."},
                                                      {"role": "user", "content": "1 Elm St"}]}).encode())
     assert forged.status_code == 400 and "send no system message" in error_of(forged)
@@ -54,16 +54,16 @@ def test_clients_cannot_change_the_tasks_contract(server):
     assert logged_lines(log) == before
 
     # Accepted: a null grammar (the task's applies), the task's own system prompt, the evaluated settings, and
-    # max_tokens: above the task's cap it is cut to it, below it the answer is cut and the log says so.
+    # max_tokens above the task's cap (cut to it). Below the cap it is refused unless params allows it
+    # (serve.allow_client_max_tokens; tests/test_multiserve.py serves with it on and checks the log says so).
     own = json.dumps({"messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "1 Elm St"}],
                       "grammar": None, "temperature": 0, "n": 1, "stream": False, "max_tokens": 10_000}).encode()
     reply = post(url, body=own)
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"].startswith("{")
     short = post(url, body=chat("1 Elm St", max_tokens=2))
-    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 2
-    rows = rows_of(log)[-2:]
-    assert "client_max_tokens" not in rows[0] and rows[1]["client_max_tokens"] == 2
-    assert rows[1]["finish_reason"] == "length"
+    assert short.status_code == 400 and "serve.allow_client_max_tokens" in error_of(short)
+    rows = rows_of(log)
+    assert len(rows) == before + 1 and "client_max_tokens" not in rows[-1]
 
 
 def test_repeated_words_are_answered_quickly_and_the_server_keeps_answering(server):

@@ -15,8 +15,9 @@ the server through DNS rebinding; no response carries CORS headers, so browsers 
 
 What is served is what was evaluated: the task's system prompt, its grammar, greedy decoding and its
 max_new_tokens. A client sends messages (no system message, or the task's own; the last one the user's non-blank
-input, without the chat template's special tokens), optionally `model`, `user` and a lower `max_tokens` (logged as
-client_max_tokens), and temperature 0, n 1, stream false if it sends them at all; any other field (grammar,
+input, without the chat template's special tokens), optionally `model`, `user` and `max_tokens` (a larger one is cut
+to the task's; a smaller one only where params' serve.allow_client_max_tokens is true, logged as client_max_tokens),
+and temperature 0, n 1, stream false if it sends them at all; any other field (grammar,
 response_format, tools, functions, stop, logit_bias, penalties, sampling settings) is refused with a 400, so no
 client grammar ever reaches llama.cpp (an unparsable one crashed it). Inputs and answers are logged with e-mail
 addresses, phone numbers and card numbers redacted (core.pii, the audit's detector).
@@ -89,6 +90,7 @@ class Route:
     output: OutputSpec | None = None
     max_new_tokens: int = 96  # the task's token budget, as evaluated
     special_tokens: tuple[str, ...] = ()  # the served model's control tokens as text: refused in messages
+    allow_client_max_tokens: bool = False  # params' serve.allow_client_max_tokens
 
     def log_fields(self) -> dict:
         fields = {"model_file": self.model_file.name, "model_sha256": self.model_sha256}
@@ -303,6 +305,10 @@ def contract_problem(payload: dict, route: Route) -> str:
     max_tokens = payload.get("max_tokens")
     if max_tokens is not None and max_tokens < 1:  # llama.cpp reads 0 and below as "no limit"
         return f"max_tokens must be at least 1 (this task answers in at most {route.max_new_tokens})"
+    if max_tokens is not None and max_tokens < route.max_new_tokens and not route.allow_client_max_tokens:
+        return (f"max_tokens {max_tokens} would cut {route.task}'s answers short of the {route.max_new_tokens} tokens "
+                "it was evaluated with: send none (or at least that many), or set serve.allow_client_max_tokens: true "
+                "in params.yaml")
     messages = payload["messages"]
     if any(m["role"] == "system" and (i > 0 or m["content"] != route.system_prompt) for i, m in enumerate(messages)):
         return (f"the system prompt is {route.task}'s own, as evaluated: send no system message (the server adds it)"
@@ -452,7 +458,8 @@ def build_app(task: str | None = None, quantization: str | None = None, n_ctx: i
                                                               n_threads=params.export.n_threads, verbose=False)])
     llm = server_app._llama_proxy._current_model  # loaded by create_app's LlamaProxy
     route = Route(task, production_file(task), spec.system_prompt, model_file, file_sha256(model_file), output=spec.output,
-                  max_new_tokens=spec.max_new_tokens, special_tokens=control_token_strings(llm))
+                  max_new_tokens=spec.max_new_tokens, special_tokens=control_token_strings(llm),
+                  allow_client_max_tokens=params.serve.allow_client_max_tokens)
     return guarded_app(app, llm, {task: route}, n_ctx, api_key)
 
 
@@ -484,7 +491,8 @@ def build_multi_task_app(params, n_ctx: int, api_key: str | None):
     specials = control_token_strings(switch.llm)
     routes = {t: Route(t, production_file(t), params.tasks[t].system_prompt, adapter_gguf_file(t),
                        file_sha256(adapter_gguf_file(t)), base_file, base_sha, output=params.tasks[t].output,
-                       max_new_tokens=params.tasks[t].max_new_tokens, special_tokens=specials) for t in tasks}
+                       max_new_tokens=params.tasks[t].max_new_tokens, special_tokens=specials,
+                       allow_client_max_tokens=params.serve.allow_client_max_tokens) for t in tasks}
     return guarded_app(app, switch.llm, routes, n_ctx, api_key)
 
 

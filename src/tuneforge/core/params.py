@@ -309,6 +309,15 @@ class ExportSpec(Strict):
         return self
 
 
+class ServeSpec(Strict):
+    """What `tuneforge serve` lets a client change. Everything else (system prompt, grammar, greedy decoding, the
+    task's max_new_tokens) is served as it was evaluated, so drift judges the model, not the clients."""
+
+    allow_client_max_tokens: StrictBool = Field(
+        False, description="true: a client's max_tokens below the task's max_new_tokens is honoured (and logged; drift "
+        "does not judge those answers); false: refused with 400")
+
+
 class DriftSpec(Strict):
     max_drift_share: float = Field(0.5, gt=0, le=1, description="retrain when at least this share of columns drifted")
     max_validity_drop: float = Field(0.1, ge=0, le=1, description="retrain when valid answers fall by more than this")
@@ -401,6 +410,7 @@ class Params(Strict):
     evaluate: EvaluateSpec = EvaluateSpec()
     export: ExportSpec = ExportSpec()
     drift: DriftSpec = DriftSpec()
+    serve: ServeSpec = ServeSpec()
     sweep: SweepSpec | None = None
 
     def train_for(self, task: str) -> TrainSpec:

@@ -39,6 +39,12 @@ def traffic_frame(inputs: list[str], outputs: list[str | None], latencies_ms: li
     return df
 
 
+def judged_outputs(requests: list[dict]) -> list[str | None]:
+    """Each logged answer, or None where a client cut it short (client_max_tokens, which params' serve section may
+    allow): such an answer says nothing about the model's validity, only its input is compared."""
+    return [None if r.get("client_max_tokens") is not None else r.get("output") for r in requests]
+
+
 def fold_rare(reference: pd.Series, current: pd.Series, keep: int = 8) -> tuple[pd.Series, pd.Series]:
     """Key sets have a long tail; keep the reference's most common ones, fold the rest into "(other)"."""
     common = {v for v, _ in Counter(reference.dropna()).most_common(keep)}
