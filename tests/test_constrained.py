@@ -37,6 +37,7 @@ def matches(tokenizer, grammar: str, text: str, complete: bool = True) -> bool:
     return matcher.consume_tokens(ids) and (matcher.is_accepting() or not complete) and not matcher.is_error()
 
 
+@pytest.mark.slow  # every embedded address through its own grammar
 def test_every_labelled_address_fits_its_own_extractive_grammar(tokenizer):
     """No reference answer is ruled out: values spread over the address ("Route 30 & Route 45" -> "30 45") and
     words that lose a trailing comma included."""
@@ -107,6 +108,7 @@ def test_params_switch_it_off_and_extractive_is_a_json_option():
         OutputSpec(kind="label", labels=["a", "b"], extractive=True)
 
 
+@pytest.mark.slow  # generates with the model
 def test_hf_generation_is_batched_and_stays_inside_the_grammar(base_model_dir, tokenizer):
     """The untuned base model answers addresses with prose; constrained, every answer is a JSON object over allowed
     keys whose values are the input's words, batched generate() with a grammar a row; batches go by prompt length
@@ -158,6 +160,7 @@ def embedded_gguf() -> Path:
     return embedded_gguf_folder() / EMBEDDED_GGUF
 
 
+@pytest.mark.slow  # generates with the model
 def test_llama_cpp_serving_grammar_and_export_runs_give_the_same_answers(embedded_gguf, tokenizer):
     """The GGUF answers the export stage gets (llguidance masking in generate_gguf) are the answers llama.cpp's own
     grammar sampler gives for the request `tuneforge serve` sends (constrain_request): one grammar, two engines."""
@@ -179,6 +182,7 @@ def test_llama_cpp_serving_grammar_and_export_runs_give_the_same_answers(embedde
     assert exported[2] in ("spam", "ham")
 
 
+@pytest.mark.slow  # generates with the model
 def test_tuneforge_serve_answers_under_the_grammar_what_the_export_stage_measured(tmp_path, repo_root, embedded_gguf,
                                                                                    tokenizer):
     """End to end: the served answer to an address (the server adds the system prompt and the request's grammar)

@@ -10,7 +10,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.test_train import tiny_root  # noqa: F401  (the fixture: params, 40 training records, the base model)
+
+pytestmark = pytest.mark.slow  # trains twice in fresh processes
 
 # Numbers that measure the machine, not the run (timings, speeds, memory, versions).
 MACHINE_DEPENDENT = re.compile(r"second|memory|environment")

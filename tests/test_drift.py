@@ -20,6 +20,7 @@ def frame(texts, outputs, tokenizer, spec, latency=None):
     return traffic_frame(texts, outputs, latency or [None] * len(texts), tokenizer, spec)
 
 
+@pytest.mark.slow  # an Evidently report (tens of seconds)
 def test_sms_to_email_shift_recommends_retraining(splits, tokenizer, repo_root):
     data, params = splits
     spec = params.task("sms_spam").output
@@ -34,6 +35,7 @@ def test_sms_to_email_shift_recommends_retraining(splits, tokenizer, repo_root):
     assert outcome.metrics["current_latency_p95_ms"] == pytest.approx(120.0)
 
 
+@pytest.mark.slow  # an Evidently report (tens of seconds)
 def test_held_out_addresses_do_not_cry_drift(splits, tokenizer):
     data, params = splits
     spec = params.task("address_json").output

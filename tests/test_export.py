@@ -14,6 +14,8 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama_cpp is not importable
 from tests.conftest import CHAT_RECORDS  # noqa: E402
 from tuneforge.stages import export  # noqa: E402
 
+pytestmark = pytest.mark.slow  # merges, converts and quantizes GGUF files
+
 RECORDS = CHAT_RECORDS
 
 

@@ -32,6 +32,8 @@ from tuneforge.stages.train import train_task  # noqa: E402
 
 from .conftest import ROOT  # noqa: E402
 
+pytestmark = pytest.mark.slow  # four model families through every stage
+
 TASK = "address_json"
 SETTINGS = {
     "train": {"max_seq_len": 128, "batch_size": 2, "max_steps": 2, "eval_every": 2, "eval_rows": 4,
@@ -106,7 +108,6 @@ def test_every_answer_is_trained_up_to_its_familys_end_of_turn(family):
     assert rendered.input_ids[: len(prompt)] == prompt
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(builder.FAMILIES))
 def test_a_family_goes_through_every_stage(family, tmp_path, prepared, repo_root, monkeypatch):
     source = builder.make_random_model(family, tmp_path / "source")

@@ -16,6 +16,8 @@ from tuneforge.core import quantize
 from tuneforge.core.adapters import AdapterSwitch
 from tuneforge.core.gguf import file_sha256, generate_gguf, load_llama
 
+pytestmark = pytest.mark.slow  # collects importance matrices and quantizes
+
 RECORDS = CHAT_RECORDS
 
 

@@ -26,6 +26,8 @@ import pytest
 from tests.conftest import ROOT, copy_repo, git
 from tuneforge.report.jupyter import clean_notebook, install
 
+pytestmark = pytest.mark.slow  # starts JupyterLab and runs notebooks
+
 NOTEBOOK = "notebooks/00_prepare.ipynb"  # the cheapest stage: seconds, no model
 
 

@@ -26,6 +26,8 @@ from tuneforge.core.constraints import grammar_for
 from tuneforge.core.gguf import load_llama
 from tuneforge.core.params import load_params
 
+pytestmark = pytest.mark.slow  # builds GGUF adapters and serves them
+
 TASKS = {"address_json": ("Parse the US address into JSON.", ["1600 Pennsylvania Ave NW, Washington, DC 20500",
                                                               "350 Fifth Avenue, New York, NY 10118"]),
          "sms_spam": ("Classify the SMS as spam or ham.", ["WINNER!! Claim your prize now", "see you at 6 then"])}

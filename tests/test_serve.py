@@ -22,6 +22,8 @@ import httpx  # noqa: E402
 from tuneforge.core.paths import production_file  # noqa: E402
 from tuneforge.stages.base_model import EMBEDDED_GGUF, embedded_gguf_folder  # noqa: E402
 
+pytestmark = pytest.mark.slow  # starts llama.cpp servers
+
 SYSTEM_PROMPT = "Parse the US address into JSON."  # params.yaml's address_json prompt: must never be echoed
 MAX_NEW_TOKENS = 8  # address_json's answer budget in these tests: the server's cap, short answers keep them quick
 

@@ -15,6 +15,8 @@ from tests.test_serve import MAX_NEW_TOKENS, SYSTEM_PROMPT, chat, free_port, log
 from tuneforge.core.pii import redact
 from tuneforge.core.traffic import read_traffic
 
+pytestmark = pytest.mark.slow  # starts llama.cpp servers and waits out their time limits
+
 
 def error_of(reply) -> str:
     return reply.json()["error"]["message"]

@@ -29,6 +29,8 @@ from tuneforge.core.params import load_params
 from tuneforge.stages.prepare import prepare, write_prepared
 from tuneforge.stages.train import Mode, build_model, choose_mode, choose_speed
 
+pytestmark = pytest.mark.slow  # trains the tiny model, often several times (minutes)
+
 TINY = {"max_seq_len": 128, "batch_size": 2, "max_steps": 4, "eval_every": 2, "eval_rows": 4,
         "checkpoint_every": 1, "early_stopping_patience": 10, "lora": {"r": 4, "alpha": 8, "dropout": 0.1,
                                                                         "target_modules": ["q_proj", "v_proj"]}}

@@ -274,7 +274,9 @@ class RequestLog:
             return await reply_error(send, reply["status"], upstream_error(reply["status"], reply["body"]))
         answer = json.loads(reply["body"])
         answer["model"] = route.task
-        self.log(route, payload, answer, time.perf_counter() - start)  # logged before the client hears back
+        # Logged before the client hears back, in a worker thread: the line's lock, write and fsync would otherwise
+        # hold the event loop, and with it every other connection, for as long as the disk takes.
+        await asyncio.to_thread(self.log, route, payload, answer, time.perf_counter() - start)
         body = json.dumps(answer, ensure_ascii=False).encode()
         headers = [(k, v) for k, v in reply["headers"] if k.lower() != b"content-length"]
         await send({"type": "http.response.start", "status": 200,

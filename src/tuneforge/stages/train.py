@@ -56,9 +56,10 @@ from tuneforge.core.modeling import (
 )
 from tuneforge.core.params import Params, TrainSpec, load_params
 from tuneforge.core.paths import (
+    adapter_dir,
     base_model_dir,
+    checkpoint_dir,
     metrics_file,
-    models_dir,
     processed_dir,
     repo_root,
     train_history_file,
@@ -460,12 +461,11 @@ def setup(task: str, params: Params) -> Run:
     # The model is already on its device (QLoRA's 4-bit weights must not be moved again).
     loss_model, optimizer, loader = accelerator.prepare(AnswerLoss(model), optimizer, loader,
                                                         device_placement=[False, True, True])
-    out = models_dir(task)
     return Run(task=task, spec=spec, accelerator=accelerator, mode=mode, model=model, loss_model=loss_model,
                trainable=trainable, optimizer=optimizer, loader=loader, validation=validation,
                train_examples=len(train_examples), train_rows=train_rows, steps_per_epoch=len(loader),
                total_steps=spec.max_steps or math.ceil(spec.epochs * len(loader)),
-               adapter_dir=out / "adapter", checkpoint_dir=out / "checkpoints" / "last",
+               adapter_dir=adapter_dir(task), checkpoint_dir=checkpoint_dir(task),
                fingerprint=fingerprint(params, task, data / "train.jsonl") + f"-p{accelerator.num_processes}")
 
 
