@@ -49,7 +49,7 @@ def scratch_project(work: Path, tasks: list[str], train: dict, profile: str | No
     only_tasks(params, tasks)
     params["train"].update(train)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    from tuneforge.core.paths import processed_dir, production_dir, quarantine_file
+    from tuneforge.core.paths import processed_dir, quarantine_file
     from tuneforge.stages.prepare import prepare, write_prepared
 
     p = load_params()
@@ -57,7 +57,7 @@ def scratch_project(work: Path, tasks: list[str], train: dict, profile: str | No
         spec = p.task(task)
         (work / spec.source).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / spec.source, work / spec.source)
-        write_prepared(prepare(spec, p.split, work), processed_dir(task), quarantine_file(task), production_dir(task))
+        write_prepared(prepare(spec, p.split, work), processed_dir(task), quarantine_file(task))
 
 
 def launch(work: Path, task: str, processes: int, gpus: str) -> dict:

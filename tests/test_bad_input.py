@@ -112,7 +112,7 @@ def test_empty_input_reaches_the_min_records_gate_not_a_crash(tmp_path, name, co
         (tmp_path / name).write_bytes(content)
     out = prepare(spec, SplitSpec(), tmp_path)
     assert [(r.file, r.line) for r in out.rejected] == [(name, 0)] and reason in out.rejected[0].reason
-    summary = write_prepared(out, tmp_path / "processed", tmp_path / "q.jsonl", tmp_path / "production")
+    summary = write_prepared(out, tmp_path / "processed", tmp_path / "q.jsonl")
     splits = {name: [r.to_json() for r in rows] for name, rows in out.splits.items()}
     result = run_audit(splits, [r.to_json() for r in out.rejected], summary, None, LABELS, AuditSpec(), 256)
     failures = gate(result.metrics, AuditSpec())
@@ -261,7 +261,7 @@ def test_audit_shows_where_every_raw_record_went(tmp_path, embedded_tokenizer):
     rows = [{"prompt": f"p{i}", "completion": "ham"} for i in range(5)] + [{"prompt": "p0", "completion": "ham"},
                                                                            {"prompt": "bad", "completion": "eggs"}]
     out = prepared(tmp_path, "\n".join(map(json.dumps, rows)).encode(), task("prompt_completion_jsonl"))
-    summary = write_prepared(out, tmp_path / "processed", tmp_path / "q.jsonl", tmp_path / "production")
+    summary = write_prepared(out, tmp_path / "processed", tmp_path / "q.jsonl")
     assert (summary["kept_records"], summary["quarantined"], summary["exact_duplicates_removed"]) == (5, 1, 1)
     splits = {n: [r.to_json() for r in rows] for n, rows in out.splits.items()}
     quarantine = [r.to_json() for r in out.rejected]

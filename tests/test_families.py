@@ -69,7 +69,7 @@ def prepared(module_tmp, repo_root):
     for name, keep in (("train", 24), ("validation", 4), ("test", 3)):
         result.splits[name] = result.splits[name][:keep]
     folder = root / "processed"
-    write_prepared(result, folder, root / "quarantine.jsonl", root / "production")
+    write_prepared(result, folder, root / "quarantine.jsonl")
     return folder
 
 

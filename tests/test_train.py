@@ -50,8 +50,7 @@ def tiny_root(tmp_path, repo_root, base_model_dir, monkeypatch):
     p = load_params(tmp_path / "params.yaml")
     prepared = prepare(p.task("address_json"), p.split, tmp_path)
     prepared.splits["train"] = prepared.splits["train"][:40]
-    write_prepared(prepared, tmp_path / "data" / "processed" / "address_json", tmp_path / "data" / "quarantine" / "a.jsonl",
-                   tmp_path / "data" / "production" / "address_json")
+    write_prepared(prepared, tmp_path / "data" / "processed" / "address_json", tmp_path / "data" / "quarantine" / "a.jsonl")
     return tmp_path
 
 

@@ -31,7 +31,7 @@ def quarantine_file(task: str) -> Path:
 
 
 def production_dir(task: str) -> Path:
-    """A task's live traffic; the drift stage depends on this folder, so traffic for one task reruns only its drift."""
+    """A task's live traffic: the folder of its request log (the drift stages depend on data/production)."""
     return repo_root() / "data" / "production" / task
 
 

@@ -159,7 +159,7 @@ def repeated_keys(answer: str, task: TaskSpec) -> str:
     return f"answer repeats key(s) {repeated}" if repeated else ""
 
 
-def write_prepared(prepared: Prepared, out_dir: Path, quarantine: Path, production: Path) -> dict:
+def write_prepared(prepared: Prepared, out_dir: Path, quarantine: Path) -> dict:
     for name, records in prepared.splits.items():
         write_jsonl(out_dir / f"{name}.jsonl", [r.to_json() for r in records])
     write_jsonl(quarantine, [r.to_json() for r in prepared.rejected])
@@ -172,6 +172,4 @@ def write_prepared(prepared: Prepared, out_dir: Path, quarantine: Path, producti
         "quarantine_reasons": dict(Counter(r.reason.split(" (")[0].split(":")[0] for r in prepared.rejected)),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    # The drift stage depends on the task's traffic folder; a new task has none until `tuneforge serve` logs to it.
-    production.mkdir(parents=True, exist_ok=True)
     return summary
