@@ -105,6 +105,7 @@ class Stage:
     dvc.yaml against PIPELINE, and scripts/stage_deps.py generates each stage's code deps from it)."""
 
     name: str
+    title: str  # what the index calls its report
     notebook: str | None = None  # a per-task stage: `python -m tuneforge.report.notebook <notebook> --task <task>`
     module: str | None = None  # a stage run once: `python -m <module>`
     metrics: str | None = None  # metrics/<task>/<metrics>.json
@@ -118,15 +119,15 @@ class Stage:
 
 # The pipeline, in order: the one list of its stages.
 PIPELINE = (
-    Stage("base_model", module="tuneforge.stages.base_model"),
-    Stage("base_gguf", module="tuneforge.stages.base_gguf"),
-    Stage("prepare", notebook="00_prepare"),
-    Stage("audit", notebook="01_data_audit", metrics="audit"),
-    Stage("train", notebook="02_train", metrics="train"),
-    Stage("evaluate", notebook="03_evaluate", metrics="eval"),
-    Stage("export", notebook="04_export_gguf", metrics="export"),
-    Stage("drift", notebook="05_drift_report", metrics="drift"),
-    Stage("index", module="tuneforge.report.index"),
+    Stage("base_model", "Base model", module="tuneforge.stages.base_model"),
+    Stage("base_gguf", "Base GGUF", module="tuneforge.stages.base_gguf"),
+    Stage("prepare", "Prepare", notebook="00_prepare"),
+    Stage("audit", "Data audit", notebook="01_data_audit", metrics="audit"),
+    Stage("train", "Training", notebook="02_train", metrics="train"),
+    Stage("evaluate", "Evaluation", notebook="03_evaluate", metrics="eval"),
+    Stage("export", "GGUF export", notebook="04_export_gguf", metrics="export"),
+    Stage("drift", "Drift", notebook="05_drift_report", metrics="drift"),
+    Stage("index", "Index", module="tuneforge.report.index"),
 )
 STAGE_METRICS = tuple(s.metrics for s in PIPELINE if s.metrics)  # metrics/<task>/<name>.json, in pipeline order
 

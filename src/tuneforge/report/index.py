@@ -22,20 +22,14 @@ from markupsafe import Markup
 
 from tuneforge.core.metrics import PLAIN_METRICS, Interval
 from tuneforge.core.params import EMBEDDED_BASE, Params, TaskSpec, load_params
-from tuneforge.core.paths import STAGE_METRICS, repo_root, task_gguf_file
+from tuneforge.core.paths import PIPELINE, STAGE_METRICS, repo_root, task_gguf_file
 
 TEMPLATES = Path(__file__).parent / "templates"
 MODEL_CARDS = Path("reports") / "model_cards"  # <task>/README.md (the card) and <task>/model_card.html
 
-STAGES = [  # (report file, title)
-    ("00_prepare.html", "Prepare"),
-    ("01_data_audit.html", "Data audit"),
-    ("02_train.html", "Training"),
-    ("03_evaluate.html", "Evaluation"),
-    ("04_export_gguf.html", "GGUF export"),
-    ("05_drift_report.html", "Drift"),
-    ("05_drift_evidently.html", "Drift (Evidently, full)"),
-]
+# (report file, title): each per-task stage's report, in pipeline order, and the drift stage's full Evidently page.
+STAGES = [*((f"{s.notebook}.html", s.title) for s in PIPELINE if s.notebook),
+          ("05_drift_evidently.html", "Drift (Evidently, full)")]
 
 # The params.yaml sections the page shows: the index stage's params in dvc.yaml, so the page is never stale. (Audit
 # and drift thresholds are in those stages' reports; a change there reruns the stage, not necessarily the index.)
