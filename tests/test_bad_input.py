@@ -341,6 +341,12 @@ def test_csv_broken_record_over_lines_is_quarantined_whole(tmp_path):
     assert list(quarantined(out)) == [3] and "field larger than field limit" in quarantined(out)[3]
     assert "lines 3-5 are one record" in quarantined(out)[3]
 
+    # Quotes that pair up on the broken line leave no field open: the rows after it stay rows.
+    local = b'text,label\n"5" screen cracked,ham\nhello there,ham\nwin money now,spam\nhe said "ok",ham\nlast,spam\n'
+    out = prepared(tmp_path, local, task("csv"))
+    assert list(quarantined(out)) == [2] and "are one record" not in quarantined(out)[2] and accounted(out)
+    assert kept(out) == {3: "hello there", 4: "win money now", 5: 'he said "ok"', 6: "last"}
+
 
 # D13: two answers in a row; D14: a key given twice.
 def test_turns_out_of_order_and_duplicate_keys_are_quarantined(tmp_path):

@@ -314,8 +314,12 @@ def _broken_record_end(lines: list[str], start: int) -> int | None:
 
     Read leniently where the strict parser gave up: a quote inside a quoted field that is neither doubled nor
     followed by a comma or the line end is taken as text, so the field runs on to the quote that really closes it.
-    Resuming on the next line instead would read the rest of the field ('and left",spam') as a row.
+    Resuming on the next line instead would read the rest of the field ('and left",spam') as a row. A first line
+    whose quotes pair up (an even count: '"5" screen cracked,ham') leaves no field open, whatever its quotes hold:
+    it is the whole record, and the rows after it are read as rows.
     """
+    if lines[start].count('"') % 2 == 0:
+        return start
     quoted = False
     for n in range(start, len(lines)):
         line = lines[n]
