@@ -278,12 +278,14 @@ QuantizationType = Annotated[str, AfterValidator(_llama_quantization)]
 class ExportSpec(Strict):
     quantizations: list[QuantizationType] = Field(
         default_factory=lambda: ["Q8_0", "Q4_K_M"], min_length=1, description="llama.cpp types, e.g. Q8_0, Q4_K_M")
-    max_rows: int = Field(80, ge=0, description="test rows each GGUF answers (0: all)")
+    max_rows: int = Field(160, ge=0, description="test rows each GGUF answers (0: all); fewer rows, wider intervals, "
+                          "so the gate below fails a file less readily")
     parity_rows: int = Field(24, ge=1, description="test rows for next-token agreement and KL")
     gate_quantization: str = Field("smallest", description="'smallest': the gate vouches for (and serve runs) the "
                                    "smallest file that passes; or one type from quantizations")
-    max_metric_drop: float = Field(0.03, ge=0, le=1, description="gate: allowed drop of the primary metric vs the f16 "
-                                   "file (the fp32 HF model's twin) on the same rows")
+    max_metric_drop: float = Field(0.03, ge=0, le=1, description="gate: a file fails when its drop of the primary "
+                                   "metric below the f16 file (the fp32 HF model's twin), on the same rows, is beyond "
+                                   "this at the low end of the paired 95% bootstrap interval")
     min_top1_agreement: float = Field(0.95, ge=0, le=1, description="gate: next-token agreement with the HF model")
     imatrix_rows: int = Field(64, ge=0, description="training rows the importance matrix is collected on (0: none)")
     compare_without_imatrix: bool = Field(False, description="also build and measure each type without the importance "
