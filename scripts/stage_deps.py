@@ -16,6 +16,7 @@ import ast
 import io
 import json
 import sys
+from importlib.util import resolve_name
 from pathlib import Path
 
 from ruamel.yaml import YAML
@@ -41,13 +42,14 @@ def module_file(name: str) -> Path | None:
 
 
 def imported_modules(code: str, package: str = "") -> set[str]:
-    """tuneforge modules named by the import statements of some code (every scope, lazy imports too)."""
+    """tuneforge modules named by the import statements of some code (every scope, lazy imports too); package is the
+    package a relative import is resolved against (a module's parent, or the package itself for an __init__)."""
     found = set()
     for node in ast.walk(ast.parse(code)):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            module = node.module if not node.level else ".".join([*package.split(".")[: -node.level + 1 or None], node.module])
+        elif isinstance(node, ast.ImportFrom):  # `from .. import core` names no module: its package is the base
+            module = resolve_name("." * node.level + (node.module or ""), package) if node.level else node.module
             found.add(module)
             found |= {f"{module}.{a.name}" for a in node.names}  # `from tuneforge.core import metrics`
     return {m for m in found if m.split(".")[0] == "tuneforge" and module_file(m)}
@@ -64,7 +66,8 @@ def closure(modules: set[str]) -> set[str]:
         seen.add(name)
         parts = name.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a/__init__, a/b/__init__
-        todo += imported_modules(module_file(name).read_text(), name)
+        file = module_file(name)
+        todo += imported_modules(file.read_text(), name if file.name == "__init__.py" else name.rpartition(".")[0])
     return seen
 
 
