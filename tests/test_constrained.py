@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tuneforge.core.constraints import (
     constrain_request,
@@ -192,7 +193,9 @@ def test_tuneforge_serve_answers_under_the_grammar_what_the_export_stage_measure
     from tests.test_serve import start_server
     from tuneforge.core.gguf import generate_gguf, load_llama
 
-    (tmp_path / "params.yaml").write_text((repo_root / "params.yaml").read_text())
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["tasks"]["address_json"]["max_new_tokens"] = 40  # the server's cap: a client may not cut answers shorter
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "models" / "address_json" / "gguf").mkdir(parents=True)
     (tmp_path / "models" / "address_json" / "gguf" / "model-Q8_0.gguf").symlink_to(embedded_gguf)
@@ -202,7 +205,7 @@ def test_tuneforge_serve_answers_under_the_grammar_what_the_export_stage_measure
     proc, url, _ = start_server(tmp_path)
     try:
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-            "messages": [{"role": "user", "content": text}], "max_tokens": 40})
+            "messages": [{"role": "user", "content": text}]})
     finally:
         proc.terminate()
         proc.wait(timeout=20)
