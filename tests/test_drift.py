@@ -87,3 +87,12 @@ def test_answers_a_client_cut_short_are_not_judged():
 
     rows = [{"input": "a", "output": "spam"}, {"input": "b", "output": "s", "client_max_tokens": 1}]
     assert judged_outputs(rows) == ["spam", None]
+
+
+def test_answers_the_servers_time_limit_cut_short_are_not_judged():
+    """A slow prompt's answer, stopped by tuneforge serve's ANSWER_SECONDS, is not the model's answer: judged as
+    invalid it would lower the valid-answer rate and could steer the retrain verdict."""
+    from tuneforge.stages.drift import judged_outputs
+
+    rows = [{"input": "a", "output": "spam"}, {"input": "b", "output": "{\"Recip", "cut_by_time_limit": True}]
+    assert judged_outputs(rows) == ["spam", None]

@@ -113,6 +113,7 @@ def test_chat_completions_are_answered_and_logged(server, serve_root):
     for row in rows[-2:]:
         assert row["latency_ms"] > 0 and row["model_file"] == "model-Q8_0.gguf"  # served_quantization
         assert len(row["model_sha256"]) == 64 and row["timestamp"] > 0 and "output" in row
+        assert "cut_by_time_limit" not in row  # the field is there only when the server's time limit cut the answer
     raw = post(url, body=chat("1 Elm St"))
     assert raw.status_code == 200 and str(serve_root) not in raw.text and ".gguf" not in raw.text
 
@@ -156,6 +157,39 @@ def test_every_other_endpoint_is_refused_and_nothing_unlogged_is_answered(server
     assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == ["address_json"]
     assert ".gguf" not in models.text
     assert logged_lines(log) == before
+
+
+def test_models_are_listed_in_openais_shape(server, serve_root):
+    url, _, _ = server
+    listed = openai.OpenAI(base_url=f"{url}/v1", api_key="unused").models.list()
+    assert [(m.id, m.object, m.owned_by) for m in listed.data] == [("address_json", "model", "tuneforge")]
+    served_file = serve_root / "models" / "address_json" / "gguf" / "model-Q8_0.gguf"
+    assert listed.data[0].created == int(served_file.stat().st_mtime)
+
+
+def test_models_are_listed_while_the_model_is_busy(tmp_path):
+    """llama-cpp-python's /v1/models waited for the model's lock, so a health check timed out behind running
+    answers: RequestLog answers it itself. Here the app behind it never answers at all."""
+    import asyncio
+
+    from tuneforge.serve import RequestLog, Route
+
+    async def busy_model(scope, receive, send):
+        await asyncio.Event().wait()
+
+    model_file = tmp_path / "model-Q8_0.gguf"
+    model_file.write_bytes(b"")
+    app = RequestLog(busy_model, max_input_chars=2048, routes={
+        "address_json": Route("address_json", tmp_path / "requests.jsonl", SYSTEM_PROMPT, model_file, "0" * 64)})
+
+    async def list_models():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
+            return await asyncio.wait_for(client.get("/v1/models"), 5)
+
+    listed = asyncio.run(list_models())
+    assert listed.status_code == 200
+    assert listed.json() == {"object": "list", "data": [{"id": "address_json", "object": "model", "owned_by": "tuneforge",
+                                                         "created": int(model_file.stat().st_mtime)}]}
 
 
 def test_non_json_bodies_get_415_without_echo(server):

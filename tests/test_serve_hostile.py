@@ -2,6 +2,7 @@
 HTTP): each is refused with a clear 4xx or answered within the server's limits, the server keeps answering, and
 what is served is what was evaluated (the task's system prompt, grammar and token cap)."""
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -11,7 +12,8 @@ import time
 import httpx
 import pytest
 
-from tests.test_serve import MAX_NEW_TOKENS, SYSTEM_PROMPT, chat, free_port, logged_lines, post, serve_root, server, start_server  # noqa: F401
+from tests.test_serve import (MAX_NEW_TOKENS, SYSTEM_PROMPT, chat, free_port, logged_lines, openai, post,  # noqa: F401
+                              production_file_in, serve_root, server, start_server)
 from tuneforge.core.pii import redact
 from tuneforge.core.traffic import read_traffic
 
@@ -79,22 +81,34 @@ def test_repeated_words_are_answered_quickly_and_the_server_keeps_answering(serv
     assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 200
 
 
-def test_an_answer_stops_at_the_time_limit():
-    """The per-answer deadline, on the served model in this process: past it, generation stops after the token
-    in progress and the answer says it was cut."""
-    from tuneforge.core.gguf import load_llama
-    from tuneforge.serve import limit_answer_time
-    from tuneforge.stages.base_model import EMBEDDED_GGUF, embedded_gguf_folder
+def test_an_answer_stops_at_the_time_limit_and_its_log_line_says_so(serve_root, monkeypatch):
+    """The per-answer deadline, on the served app in this process with a limit of 0 s: past it, generation stops
+    after the token in progress, the answer says it was cut, and so does its log line, so that drift does not judge
+    a cut answer as the model's own (slow prompts would otherwise lower the valid-answer rate)."""
+    import llama_cpp.server.app as server_app
 
-    llm = load_llama(embedded_gguf_folder() / EMBEDDED_GGUF, n_threads=2)
+    from tuneforge import serve
+
+    log = production_file_in(serve_root)
+    before = logged_lines(log)
+    monkeypatch.setenv("TUNEFORGE_ROOT", str(serve_root))
+    monkeypatch.setattr(serve, "ANSWER_SECONDS", 0.0)
+    app = serve.build_app("address_json")
+
+    async def ask():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
+            return await client.post("/v1/chat/completions", timeout=60,
+                                     json={"messages": [{"role": "user", "content": "1600 Pennsylvania Ave NW"}]})
+
     try:
-        limit_answer_time(llm, 0.0)
-        reply = llm.create_chat_completion(messages=[{"role": "user", "content": "Count to fifty."}], max_tokens=40,
-                                           temperature=0)
+        reply = asyncio.run(ask())
     finally:
-        llm.close()
+        server_app._llama_proxy.free()  # the model build_app loaded into llama-cpp-python's module
+    assert reply.status_code == 200
     # (the token in progress is dropped, as llama-cpp-python drops the one a stopping criterion stops at)
-    assert reply["usage"]["completion_tokens"] <= 1 and reply["choices"][0]["finish_reason"] == "length"
+    assert reply.json()["usage"]["completion_tokens"] <= 1 and reply.json()["choices"][0]["finish_reason"] == "length"
+    rows = rows_of(log)
+    assert len(rows) == before + 1 and rows[-1]["cut_by_time_limit"] is True
 
 
 def test_idle_and_trickling_connections_are_limited_and_closed(server):
@@ -167,11 +181,65 @@ def test_a_number_too_long_to_read_gets_400(server):
 def test_requests_without_a_user_input_are_refused(server):
     url, log, _ = server
     before = logged_lines(log)
-    for messages in ([{"role": "user", "content": " \n\t"}], [{"role": "system", "content": SYSTEM_PROMPT}],
-                     [{"role": "user", "content": "1 Elm St"}, {"role": "assistant", "content": '{"Recipient": "'}]):
+    for messages in ([{"role": "user", "content": " \n\t"}], [{"role": "system", "content": SYSTEM_PROMPT}]):
         reply = post(url, body=json.dumps({"messages": messages}).encode())
         assert reply.status_code == 400 and "the user's input" in error_of(reply), messages
     assert logged_lines(log) == before
+
+
+def test_earlier_turns_and_assistant_messages_are_refused(server):
+    """Every task is evaluated on one user message after its system prompt: invented earlier turns (few-shot
+    steering) or an assistant prefix would change the answer, and only the last message is logged."""
+    url, log, _ = server
+    before = logged_lines(log)
+    user, other = {"role": "user", "content": "1 Elm St"}, {"role": "user", "content": "9 Oak Ave"}
+    example = {"role": "assistant", "content": '{"Recipient": "spam"}'}
+    for messages in ([other, example, user], [other, user], [{"role": "system", "content": SYSTEM_PROMPT}, other, user],
+                     [example, user], [user, example]):
+        reply = post(url, body=json.dumps({"messages": messages}).encode())
+        assert reply.status_code == 400 and "answers one user message" in error_of(reply), messages
+        assert reply.json()["error"]["type"] == "invalid_request_error"
+    assert logged_lines(log) == before
+    own = [{"role": "system", "content": SYSTEM_PROMPT}, user]  # the task's own system prompt, then one user message
+    assert post(url, body=json.dumps({"messages": own}).encode()).status_code == 200
+
+
+def test_a_max_tokens_that_is_not_a_json_integer_gets_400(server):
+    """"5" passed llama-cpp-python's lax schema and then failed a comparison with an int: a plain-text 500."""
+    url, log, _ = server
+    before = logged_lines(log)
+    for value in ("5", "100", True, 100.0):
+        for name in ("max_tokens", "max_completion_tokens"):
+            reply = post(url, body=chat("1 Elm St", **{name: value}))
+            assert reply.status_code == 400, (name, value)
+            assert reply.json()["error"] == {"message": f"{name} must be a JSON integer", "type": "invalid_request_error"}
+    assert logged_lines(log) == before
+
+
+def test_openai_fields_that_change_nothing_are_accepted(server):
+    """The openai client's current names and harmless settings: max_completion_tokens (like max_tokens), logprobs
+    false, any integer seed (greedy decoding ignores it), null for any field; each answer as without them."""
+    url, log, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    plain = client.chat.completions.create(model="address_json", messages=[{"role": "user", "content": "1 Elm St"}])
+    before = logged_lines(log)
+    for fields in ({"max_completion_tokens": 10_000}, {"max_completion_tokens": 50, "max_tokens": 50},
+                   {"logprobs": False}, {"seed": 42}, {"seed": -(2**70)},
+                   {"seed": None, "logprobs": None, "max_completion_tokens": None, "top_p": None}):
+        reply = client.chat.completions.create(model="address_json", messages=[{"role": "user", "content": "1 Elm St"}],
+                                               **fields)
+        assert reply.choices[0].message.content == plain.choices[0].message.content, fields
+    rows = rows_of(log)
+    assert len(rows) == before + 6 and not any("client_max_tokens" in r for r in rows[before:])
+    for fields, problem in (({"max_completion_tokens": 2}, "serve.allow_client_max_tokens"),  # as for max_tokens
+                            ({"max_completion_tokens": 50, "max_tokens": 60}, "differ"), ({"max_completion_tokens": 0}, "at least 1"),
+                            ({"logprobs": True}, "logprobs: not accepted"), ({"seed": "42"}, "seed must be a JSON integer")):
+        reply = post(url, body=chat("1 Elm St", **fields))
+        assert reply.status_code == 400 and problem in error_of(reply), fields
+    refused = error_of(post(url, body=chat("1 Elm St", top_k=1)))
+    assert "may send messages, model, user, seed, max_tokens (or max_completion_tokens)" in refused
+    assert "logprobs false" in refused
+    assert logged_lines(log) == before + 6
 
 
 def test_chat_template_markers_in_a_message_are_refused(server):

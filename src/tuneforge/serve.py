@@ -7,22 +7,26 @@ field (the task name) picks the adapter, the system prompt and the request log; 
 Each answered chat completion is appended to data/production/<task>/requests.jsonl (input, output, latency,
 model file hash, timestamp): the current traffic the drift stage compares with the test split.
 Only two routes are answered: POST /v1/chat/completions (checked, given the task's system prompt, logged)
-and GET /v1/models (the task name, no input). Everything else llama-cpp-python offers (raw completions,
+and GET /v1/models (the task names, answered by RequestLog itself, so a health check never waits behind the
+model's lock). Everything else llama-cpp-python offers (raw completions,
 embeddings, tokenizer endpoints, API docs, CORS preflight) is refused, so no traffic escapes the log.
 The server binds to loopback by default; any other address needs an API key. Without a key, only requests whose
 Host header names loopback (localhost, 127.0.0.1, [::1]) are answered, so a web page on another site cannot reach
 the server through DNS rebinding; no response carries CORS headers, so browsers share no answer with other sites.
 
 What is served is what was evaluated: the task's system prompt, its grammar, greedy decoding and its
-max_new_tokens. A client sends messages (no system message, or the task's own; the last one the user's non-blank
-input, without the chat template's special tokens), optionally `model`, `user` and `max_tokens` (a larger one is cut
-to the task's; a smaller one only where params' serve.allow_client_max_tokens is true, logged as client_max_tokens),
-and temperature 0, n 1, stream false if it sends them at all; any other field (grammar,
+max_new_tokens, for one user message. A client sends messages (the task's own system message or none, then one
+user message, its non-blank input, without the chat template's special tokens; no earlier turns, no assistant
+messages), optionally `model`, `user`, `seed` (an integer, which greedy decoding ignores) and `max_tokens` or its
+current OpenAI name `max_completion_tokens` (a JSON integer; a larger one is cut to the task's; a smaller one only
+where params' serve.allow_client_max_tokens is true, logged as client_max_tokens), and temperature 0, n 1, stream
+false, logprobs false if it sends them at all; null stands for any field's default. Any other field (grammar,
 response_format, tools, functions, stop, logit_bias, penalties, sampling settings) is refused with a 400, so no
 client grammar ever reaches llama.cpp (an unparsable one crashed it). Inputs and answers are logged with e-mail
 addresses, phone numbers and card numbers redacted (core.pii, the audit's detector).
 
-Limits (set below): an answer stops after ANSWER_SECONDS (finish_reason "length"); a request's head must arrive
+Limits (set below): an answer stops after ANSWER_SECONDS (finish_reason "length", logged as cut_by_time_limit, and
+drift does not judge it); a request's head must arrive
 within HEAD_SECONDS of the connection opening (or of its previous answer) and be at most MAX_HEAD_BYTES, its body
 within BODY_SECONDS and at most 6 bytes a character of 2 * n_ctx characters plus 16 KiB; over LIMIT_CONCURRENCY
 open connections and requests, requests get a 503; connections past MAX_CONNECTIONS are answered 503 and closed as
@@ -33,6 +37,7 @@ SHUTDOWN_SECONDS.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import ipaddress
 import json
@@ -54,12 +59,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see export.py: spin-waits
 
 API_KEY_ENV = "TUNEFORGE_API_KEY"
 CHAT = "/v1/chat/completions"
-ROUTES = {CHAT: "POST", "/v1/models": "GET"}
+MODELS = "/v1/models"
+ROUTES = {CHAT: "POST", MODELS: "GET"}
 
 # Request fields a client may send besides `messages`; the fields in EVALUATED only with the value evaluation used.
 # Everything else changes how an answer is decoded, so it is refused.
-CLIENT_FIELDS = {"messages", "model", "user", "max_tokens"}
-EVALUATED = {"temperature": 0, "n": 1, "stream": False}
+TOKEN_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")  # OpenAI's old and current names for one limit
+CLIENT_FIELDS = {"messages", "model", "user", "seed", *TOKEN_LIMIT_FIELDS}
+EVALUATED = {"temperature": 0, "n": 1, "stream": False, "logprobs": False}
+INTEGER_FIELDS = ("seed", *TOKEN_LIMIT_FIELDS)  # llama-cpp-python's schema would also take "5", 5.0 and true
 
 ANSWER_SECONDS = 30  # generation stops here (the embedded model: 40 tokens after a 600-word prompt took 16 s on 2 busy cores)
 HEAD_SECONDS = 10  # for a request's line and headers, from the connection's opening or its previous answer
@@ -69,6 +77,17 @@ KEEP_ALIVE_SECONDS = 5  # an idle connection between requests
 LIMIT_CONCURRENCY = 64  # open connections and running requests, past which uvicorn answers 503 (answers queue on one model)
 MAX_CONNECTIONS = 128  # past this, a new connection is answered 503 and closed at once: open files stay bounded
 SHUTDOWN_SECONDS = 5  # what running requests get on SIGTERM before they are cancelled
+
+
+class TimeLimitCut:
+    """Whether the server's time limit (limit_answer_time) stopped one request's answer. RequestLog puts a fresh one
+    in ANSWER_CUT for each request; the model generates in a worker thread that runs in a copy of the request's
+    context, and that copy holds this same object, so what the thread records is read back after the answer."""
+
+    fired = False
+
+
+ANSWER_CUT: contextvars.ContextVar[TimeLimitCut] = contextvars.ContextVar("answer_cut")
 
 
 class ServeError(ValueError):
@@ -118,6 +137,7 @@ class RequestLog:
         self.max_body_bytes = 6 * max_input_chars + 16_384
         # Compared as UTF-8 bytes: header values arrive as bytes, and hmac.compare_digest refuses non-ASCII str.
         self.api_key = api_key.encode("utf-8") if api_key else None
+        self.model_list = model_list(routes.values())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -138,8 +158,8 @@ class RequestLog:
                                      "(every answer logged for drift) and GET /v1/models")
         if method != ROUTES[path]:
             return await reply_error(send, 405, f"{path} accepts {ROUTES[path]} only")
-        if path != CHAT:
-            return await self.app(scope, receive, send)
+        if path == MODELS:  # llama-cpp-python's own route waits for the model's lock, behind every running answer
+            return await reply_json(send, 200, self.model_list)
 
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "application/json":
@@ -199,7 +219,10 @@ class RequestLog:
         if payload["messages"][0]["role"] != "system" and route.system_prompt:
             payload["messages"] = [{"role": "system", "content": route.system_prompt}, *payload["messages"]]
         payload["temperature"] = 0.0
-        payload["max_tokens"] = min(payload.get("max_tokens") or route.max_new_tokens, route.max_new_tokens)
+        payload["max_tokens"] = min(client_max_tokens(payload) or route.max_new_tokens, route.max_new_tokens)
+        # llama-cpp-python reads neither the current name nor, under greedy decoding, the seed: dropped, not passed on.
+        payload.pop("max_completion_tokens", None)
+        payload.pop("seed", None)
         if route.output is not None:  # decoded as evaluated: the task's grammar, plain greedy (llama.cpp's default 1.1)
             payload["repeat_penalty"] = 1.0
             constrain_request(payload, route.output)
@@ -219,6 +242,9 @@ class RequestLog:
             return {}, "request body is nested too deeply", 400
         if not isinstance(payload, dict):
             return {}, "request body must be a JSON object", 400
+        # null asks for a field's default (OpenAI's clients send it so); llama-cpp-python's schema refuses it for some
+        # fields (top_p), and the task's own settings apply whatever a client left out.
+        payload = {k: v for k, v in payload.items() if v is not None}
         messages = payload.get("messages")
         if not isinstance(messages, list) or not messages:
             return {}, "'messages' must be a non-empty list", 400
@@ -265,6 +291,8 @@ class RequestLog:
                 reply["body"] += message.get("body", b"")
 
         start = time.perf_counter()
+        cut = TimeLimitCut()
+        ANSWER_CUT.set(cut)  # this request's task only: each request runs in its own
         try:
             await self.app(scope, replay, hold)
         except Exception:  # noqa: BLE001 - the traceback goes to the server's stderr, a short message to the client
@@ -276,35 +304,44 @@ class RequestLog:
         answer["model"] = route.task
         # Logged before the client hears back, in a worker thread: the line's lock, write and fsync would otherwise
         # hold the event loop, and with it every other connection, for as long as the disk takes.
-        await asyncio.to_thread(self.log, route, payload, answer, time.perf_counter() - start)
+        await asyncio.to_thread(self.log, route, payload, answer, time.perf_counter() - start, cut.fired)
         body = json.dumps(answer, ensure_ascii=False).encode()
         headers = [(k, v) for k, v in reply["headers"] if k.lower() != b"content-length"]
         await send({"type": "http.response.start", "status": 200,
                     "headers": headers + [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    def log(self, route: Route, payload: dict, answer: dict, seconds: float) -> None:
-        """One line: the input (the last user message, checked non-blank) and the answer, personal data redacted;
-        a client's lower max_tokens, the one setting it may change, is logged with them."""
+    def log(self, route: Route, payload: dict, answer: dict, seconds: float, cut_by_time_limit: bool) -> None:
+        """One line: the input (the one user message, checked non-blank) and the answer, personal data redacted;
+        a client's lower max_tokens, the one setting it may change, and the server's time limit cutting the answer
+        are logged with them (drift judges neither kind of answer as the model's own)."""
         choice = answer["choices"][0]
-        overrides = {"client_max_tokens": payload["max_tokens"]} if payload["max_tokens"] < route.max_new_tokens else {}
+        cut_short = {"client_max_tokens": payload["max_tokens"]} if payload["max_tokens"] < route.max_new_tokens else {}
+        if cut_by_time_limit:
+            cut_short["cut_by_time_limit"] = True
         append_request(route.log_file, {
             "task": route.task, "input": redact(payload["messages"][-1]["content"]),
-            "output": redact(choice["message"]["content"]), "finish_reason": choice["finish_reason"], **overrides,
+            "output": redact(choice["message"]["content"]), "finish_reason": choice["finish_reason"], **cut_short,
             "latency_ms": 1000 * seconds, **route.log_fields(),
         })
 
 
 def contract_problem(payload: dict, route: Route) -> str:
     """Why a request would not be answered as its task was evaluated, or "" (the module docstring's contract)."""
-    refused = sorted(k for k, v in payload.items()
-                     if v is not None and k not in CLIENT_FIELDS and not (k in EVALUATED and v == EVALUATED[k]))
+    refused = sorted(k for k, v in payload.items() if k not in CLIENT_FIELDS and not (k in EVALUATED and v == EVALUATED[k]))
     if refused:
         grammar = "under its own grammar, " if route.output is not None and route.output.constrained else ""
+        evaluated = ", ".join(f"{k} {json.dumps(v)}" for k, v in EVALUATED.items())
         return (f"{', '.join(refused)}: not accepted here. {route.task}'s answers are decoded as it was evaluated "
                 f"({grammar}greedy, after its own system prompt, at most {route.max_new_tokens} new tokens); a client "
-                "may send messages, model, user and max_tokens")
-    max_tokens = payload.get("max_tokens")
+                f"may send messages, model, user, seed, max_tokens (or max_completion_tokens), and {evaluated}")
+    not_integers = [k for k in INTEGER_FIELDS if k in payload and type(payload[k]) is not int]
+    if not_integers:  # bool is a subclass of int: `type`, not isinstance
+        return f"{', '.join(not_integers)} must be a JSON integer"
+    limits = {payload[k] for k in TOKEN_LIMIT_FIELDS if k in payload}
+    if len(limits) > 1:
+        return "max_tokens and max_completion_tokens (its current OpenAI name) differ: send one of them"
+    max_tokens = client_max_tokens(payload)
     if max_tokens is not None and max_tokens < 1:  # llama.cpp reads 0 and below as "no limit"
         return f"max_tokens must be at least 1 (this task answers in at most {route.max_new_tokens})"
     if max_tokens is not None and max_tokens < route.max_new_tokens and not route.allow_client_max_tokens:
@@ -315,6 +352,11 @@ def contract_problem(payload: dict, route: Route) -> str:
     if any(m["role"] == "system" and (i > 0 or m["content"] != route.system_prompt) for i, m in enumerate(messages)):
         return (f"the system prompt is {route.task}'s own, as evaluated: send no system message (the server adds it)"
                 if route.system_prompt else f"{route.task} was evaluated without a system prompt: send none")
+    # Earlier turns would steer the answer (invented examples) and only the last message is logged.
+    turns = [m["role"] for m in messages if m["role"] != "system"]
+    if turns.count("user") > 1 or "assistant" in turns:
+        return (f"{route.task} answers one user message, as it was evaluated: send the input as a single user message, "
+                "without earlier turns or assistant messages")
     if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         return "the last message must be the user's input, and not blank: it is what the task answers"
     for i, message in enumerate(messages):
@@ -323,6 +365,17 @@ def contract_problem(payload: dict, route: Route) -> str:
             return (f"message {i} holds the chat template's special tokens {found}: the model would read them as turn "
                     "markers; send the text without them")
     return ""
+
+
+def client_max_tokens(payload: dict) -> int | None:
+    """The client's token limit under either of OpenAI's names (contract_problem has checked they agree)."""
+    return next((payload[k] for k in TOKEN_LIMIT_FIELDS if k in payload), None)
+
+
+def model_list(routes) -> dict:
+    """GET /v1/models in OpenAI's shape: each task, created when its served file (merged GGUF or adapter) was."""
+    return {"object": "list", "data": [{"id": r.task, "object": "model", "owned_by": "tuneforge",
+                                        "created": int(r.model_file.stat().st_mtime)} for r in routes]}
 
 
 def field_problems(payload: dict) -> str:
@@ -380,7 +433,11 @@ def upstream_error(status: int, body: bytes) -> str:
 
 async def reply_error(send, status: int, message: str, extra_headers: list | None = None) -> None:
     kind = "authentication_error" if status == 401 else "server_error" if status >= 500 else "invalid_request_error"
-    body = json.dumps({"error": {"message": message, "type": kind}}).encode()
+    await reply_json(send, status, {"error": {"message": message, "type": kind}}, extra_headers)
+
+
+async def reply_json(send, status: int, content: dict, extra_headers: list | None = None) -> None:
+    body = json.dumps(content).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(extra_headers or [])]})
@@ -529,7 +586,8 @@ def control_token_strings(llm) -> tuple[str, ...]:
 
 
 def limit_answer_time(llm, seconds: float) -> None:
-    """Stop every answer of llm `seconds` after its generation starts, with finish_reason "length".
+    """Stop every answer of llm `seconds` after its generation starts, with finish_reason "length", and record it in
+    the request's ANSWER_CUT (where RequestLog set one): the log must not pass a cut answer off as the model's own.
 
     llama-cpp-python's chat route passes no stopping criteria, but its chat handler generates through
     llm.create_completion: that method, on this instance, adds a deadline to the criteria the handler gives.
@@ -551,6 +609,9 @@ def limit_answer_time(llm, seconds: float) -> None:
                                   **kwargs)
         if late:
             reply["choices"][0]["finish_reason"] = "length"
+            cut = ANSWER_CUT.get(None)  # None: llm called outside a served request
+            if cut is not None:
+                cut.fired = True
         return reply
 
     llm.create_completion = create_completion_in_time

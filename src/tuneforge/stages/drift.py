@@ -40,9 +40,11 @@ def traffic_frame(inputs: list[str], outputs: list[str | None], latencies_ms: li
 
 
 def judged_outputs(requests: list[dict]) -> list[str | None]:
-    """Each logged answer, or None where a client cut it short (client_max_tokens, which params' serve section may
-    allow): such an answer says nothing about the model's validity, only its input is compared."""
-    return [None if r.get("client_max_tokens") is not None else r.get("output") for r in requests]
+    """Each logged answer, or None where it was cut short: by the client (client_max_tokens, which params' serve
+    section may allow) or by the server's time limit (cut_by_time_limit, a slow prompt on a busy machine). Such an
+    answer says nothing about the model's validity, only its input is compared."""
+    return [None if r.get("client_max_tokens") is not None or r.get("cut_by_time_limit") else r.get("output")
+            for r in requests]
 
 
 def fold_rare(reference: pd.Series, current: pd.Series, keep: int = 8) -> tuple[pd.Series, pd.Series]:
