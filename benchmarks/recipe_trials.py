@@ -89,11 +89,12 @@ def generate_answers(model, tokenizer, records, task, params, constrained: bool)
     """The evaluation stage's own generate(); constrained: under the task's grammar, as the stage decodes."""
     from tuneforge.stages import evaluate
 
-    kw = {"batch_size": params.evaluate.batch_size, "max_new_tokens": task.max_new_tokens}
+    output = task.output.bind(tokenizer)
+    kw = {"output": output, "batch_size": params.evaluate.batch_size, "max_new_tokens": task.max_new_tokens}
     if constrained:
         from tuneforge.core.constraints import grammars_for
 
-        return evaluate.generate(model, tokenizer, records, grammars=grammars_for(task.output, records), **kw).outputs
+        return evaluate.generate(model, tokenizer, records, grammars=grammars_for(output, records), **kw).outputs
     return evaluate.generate(model, tokenizer, records, **kw).outputs
 
 

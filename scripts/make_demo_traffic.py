@@ -55,12 +55,14 @@ def main() -> None:
     digest = file_sha256(gguf)
     out = production_file(args.task)
     out.unlink(missing_ok=True)
+    output = spec.output.bind(tokenizer)
     for text in demo_inputs(args.task, args.rows):
         messages = [{"role": "system", "content": spec.system_prompt}, {"role": "user", "content": text},
                     {"role": "assistant", "content": ""}]
         start = time.perf_counter()
-        grammars = grammars_for(spec.output, [{"messages": messages}])  # as `tuneforge serve` constrains it
-        answer = generate_gguf(llm, tokenizer, [{"messages": messages}], spec.max_new_tokens, grammars=grammars).outputs[0]
+        grammars = grammars_for(output, [{"messages": messages}])  # as `tuneforge serve` constrains it
+        answer = generate_gguf(llm, tokenizer, [{"messages": messages}], spec.max_new_tokens, output,
+                               grammars=grammars).outputs[0]
         latency_ms = 1000 * (time.perf_counter() - start)
         append_request(out, {"task": args.task, "input": text, "output": answer, "latency_ms": latency_ms,
                              "model_file": gguf.name, "model_sha256": digest})

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tuneforge.core.kinds import OutputKind, output_spec
 from tuneforge.core.params import (
     AuditSpec,
-    OutputSpec,
     ParamsError,
     SplitSpec,
     TaskSpec,
@@ -20,12 +20,12 @@ from tuneforge.core.readers import Record, Rejected, read_source
 from tuneforge.stages.audit import gate, run_audit
 from tuneforge.stages.prepare import prepare, write_prepared
 
-LABELS = OutputSpec(kind="label", labels=["spam", "ham"])
-ADDRESS = OutputSpec(kind="json_object", allowed_keys=["AddressNumber", "StreetName", "PlaceName"])
+LABELS = output_spec(kind="label", labels=["spam", "ham"])
+ADDRESS = output_spec(kind="json_object", allowed_keys=["AddressNumber", "StreetName", "PlaceName"])
 BOM = "\ufeff".encode()
 
 
-def task(reader: str, source: str = "in", output: OutputSpec = LABELS, **kw) -> TaskSpec:
+def task(reader: str, source: str = "in", output: OutputKind = LABELS, **kw) -> TaskSpec:
     if reader == "csv":
         kw.setdefault("columns", {"input": "text", "output": "label"})
     return TaskSpec(source=source, reader=reader, system_prompt="S", output=output,

@@ -17,11 +17,12 @@ from xml.sax.saxutils import escape
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tuneforge.core.params import OutputSpec, SplitSpec, TaskSpec
+from tuneforge.core.kinds import output_spec
+from tuneforge.core.params import SplitSpec, TaskSpec
 from tuneforge.stages.prepare import prepare
 
-LABELS = OutputSpec(kind="label", labels=["spam", "ham"])
-ADDRESS = OutputSpec(kind="json_object", allowed_keys=["AddressNumber", "StreetName", "PlaceName"])
+LABELS = output_spec(kind="label", labels=["spam", "ham"])
+ADDRESS = output_spec(kind="json_object", allowed_keys=["AddressNumber", "StreetName", "PlaceName"])
 KEPT, QUARANTINED, DUPLICATE = "kept", "quarantined", "duplicate"
 
 # Text without line breaks or control characters (those are what each format's structure is made of).

@@ -11,11 +11,10 @@ import yaml
 
 from tuneforge.core.constraints import (
     constrain_request,
-    grammar_for,
     grammars_for,
-    json_schema,
 )
-from tuneforge.core.params import OutputSpec, load_params
+from tuneforge.core.kinds import output_spec
+from tuneforge.core.params import load_params
 from tuneforge.core.readers import Record, read_source
 
 ADDRESS = load_params().task("address_json")
@@ -44,7 +43,7 @@ def test_every_labelled_address_fits_its_own_extractive_grammar(tokenizer):
     words that lose a trailing comma included."""
     records = address_records()
     misses = [r["messages"][-1]["content"] for r in records
-              if not matches(tokenizer, grammar_for(ADDRESS.output, r["messages"][-2]["content"]),
+              if not matches(tokenizer, ADDRESS.output.grammar(r["messages"][-2]["content"]),
                              r["messages"][-1]["content"])]
     assert not misses, misses[:3]
 
@@ -58,7 +57,7 @@ def test_every_labelled_address_fits_its_own_extractive_grammar(tokenizer):
     '{"StreetName": "Ohio"} and more',            # text after the object
 ])
 def test_the_extractive_grammar_refuses_what_the_input_cannot_give(tokenizer, answer):
-    grammar = grammar_for(ADDRESS.output, "1 West Ohio Street, Altoona, PA 16601")
+    grammar = ADDRESS.output.grammar("1 West Ohio Street, Altoona, PA 16601")
     assert matches(tokenizer, grammar, '{"StreetNamePreDirectional": "West", "StreetName": "Ohio", "PlaceName": "Altoona"}')
     assert not matches(tokenizer, grammar, answer)
 
@@ -81,32 +80,32 @@ def test_llguidance_reads_a_byte_level_vocabulary_whatever_decoder_it_came_with(
     answer = '{"AddressNumber": "9265", "StreetName": "Huer Huero", "StreetNamePostType": "Road"}'
     ids = converted(answer, add_special_tokens=False)["input_ids"]
     assert ids == tokenizer(answer, add_special_tokens=False)["input_ids"] and converted.decode(ids) == answer
-    assert matches(converted, grammar_for(ADDRESS.output, "9265 Huer Huero Road, Creston"), answer)
+    assert matches(converted, ADDRESS.output.grammar("9265 Huer Huero Road, Creston"), answer)
 
 
 def test_free_json_grammar_takes_any_string_values_and_escapes(tokenizer):
-    grammar = grammar_for(ADDRESS.output.model_copy(update={"extractive": False}))
+    grammar = ADDRESS.output.model_copy(update={"extractive": False}).grammar("")
     assert matches(tokenizer, grammar, json.dumps({"StreetName": 'Aldenon "x" \\ é', "ZipCode": "1"}, ensure_ascii=False))
     assert matches(tokenizer, grammar, '{"StreetName":"a","ZipCode":"b"}')  # compact separators
     assert not matches(tokenizer, grammar, '{"StreetName": 5}')
 
 
 def test_label_grammar_is_exactly_one_label(tokenizer):
-    grammar = grammar_for(SPAM.output)
+    grammar = SPAM.output.grammar("")
     assert matches(tokenizer, grammar, "spam") and matches(tokenizer, grammar, "ham")
     assert not matches(tokenizer, grammar, "spam.") and not matches(tokenizer, grammar, "Spam")
 
 
 def test_json_schema_states_the_same_contract():
-    schema = json_schema(ADDRESS.output)
+    schema = ADDRESS.output.answer_schema()
     assert set(schema["properties"]) == set(ADDRESS.output.allowed_keys) and schema["additionalProperties"] is False
-    assert json_schema(SPAM.output) == {"type": "string", "enum": ["spam", "ham"]}
+    assert SPAM.output.answer_schema() == {"type": "string", "enum": ["spam", "ham"]}
 
 
 def test_params_switch_it_off_and_extractive_is_a_json_option():
     assert grammars_for(SPAM.output.model_copy(update={"constrained": False}), [{}]) is None
     with pytest.raises(ValueError, match="extractive"):
-        OutputSpec(kind="label", labels=["a", "b"], extractive=True)
+        output_spec(kind="label", labels=["a", "b"], extractive=True)
 
 
 @pytest.mark.slow  # generates with the model
@@ -115,7 +114,7 @@ def test_hf_generation_is_batched_and_stays_inside_the_grammar(base_model_dir, t
     keys whose values are the input's words, batched generate() with a grammar a row; batches go by prompt length
     (the short SMS first) and the answers come back in record order."""
     from tuneforge.core.modeling import load_causal_lm
-    from tuneforge.core.outputs import parse_object
+    from tuneforge.core.kinds.json_answers import parse_object
     from tuneforge.stages.evaluate import generate
 
     records = address_records(3) + [{"id": "spam", "messages": [
@@ -123,7 +122,7 @@ def test_hf_generation_is_batched_and_stays_inside_the_grammar(base_model_dir, t
         {"role": "assistant", "content": "spam"}]}]
     grammars = grammars_for(ADDRESS.output, records[:3]) + grammars_for(SPAM.output, records[3:])
     model = load_causal_lm(base_model_dir, dtype=__import__("torch").float32, device="cpu")
-    out = generate(model, tokenizer, records, batch_size=2, max_new_tokens=24, grammars=grammars)
+    out = generate(model, tokenizer, records, output=ADDRESS.output, batch_size=2, max_new_tokens=24, grammars=grammars)
     assert out.outputs[3] in ("spam", "ham")
     for record, answer in zip(records[:3], out.outputs[:3]):
         # 24 tokens may cut an object short; what was written is still a prefix of the grammar's language
@@ -132,7 +131,7 @@ def test_hf_generation_is_batched_and_stays_inside_the_grammar(base_model_dir, t
         obj = parse_object(answer)
         if obj is not None:
             assert all(set(v.split()) <= set(words) for v in obj.values()), (answer, words)
-    free = generate(model, tokenizer, records[:1], batch_size=1, max_new_tokens=24)
+    free = generate(model, tokenizer, records[:1], output=ADDRESS.output, batch_size=1, max_new_tokens=24)
     assert parse_object(free.outputs[0]) is None  # the base model left free answers in prose
 
 
@@ -172,7 +171,7 @@ def test_llama_cpp_serving_grammar_and_export_runs_give_the_same_answers(embedde
         {"role": "system", "content": SPAM.system_prompt}, {"role": "user", "content": "Are we meeting at 6?"},
         {"role": "assistant", "content": "ham"}]}]
     specs = [ADDRESS.output, ADDRESS.output, SPAM.output]
-    grammars = [grammar_for(o, r["messages"][-2]["content"]) for o, r in zip(specs, records, strict=True)]
+    grammars = [o.grammar(r["messages"][-2]["content"]) for o, r in zip(specs, records, strict=True)]
     exported = generate_gguf(llm, tokenizer, records, 32, grammars=grammars).outputs
     for record, output, expected in zip(records, specs, exported, strict=True):
         request = constrain_request({"messages": record["messages"][:-1]}, output)
@@ -213,6 +212,6 @@ def test_tuneforge_serve_answers_under_the_grammar_what_the_export_stage_measure
     record = {"messages": [{"role": "system", "content": ADDRESS.system_prompt}, {"role": "user", "content": text},
                            {"role": "assistant", "content": ""}]}
     exported = generate_gguf(load_llama(embedded_gguf, n_threads=2), tokenizer, [record], 40,
-                             grammars=[grammar_for(ADDRESS.output, text)]).outputs[0]
+                             grammars=[ADDRESS.output.grammar(text)]).outputs[0]
     assert served == exported
-    assert served.startswith("{") and matches(tokenizer, grammar_for(ADDRESS.output, text), served, complete=False)
+    assert served.startswith("{") and matches(tokenizer, ADDRESS.output.grammar(text), served, complete=False)

@@ -22,7 +22,6 @@ openai = pytest.importorskip("openai")
 import httpx
 
 from tuneforge.core import quantize
-from tuneforge.core.constraints import grammar_for
 from tuneforge.core.gguf import load_llama
 from tuneforge.core.params import load_params
 
@@ -84,7 +83,7 @@ def merged_answer(root, task: str, text: str) -> str:
     from llama_cpp import LlamaGrammar
 
     output = load_params(root / "params.yaml").task(task).output
-    grammar = {"grammar": LlamaGrammar.from_string(grammar_for(output, text), verbose=False)} if output.constrained else {}
+    grammar = {"grammar": LlamaGrammar.from_string(output.grammar(text), verbose=False)} if output.constrained else {}
     llm = load_llama(root / "models" / task / "gguf" / "model-f16.gguf", n_threads=2)
     reply = llm.create_chat_completion(messages=[{"role": "system", "content": TASKS[task][0]},
                                                  {"role": "user", "content": text}], temperature=0, max_tokens=MAX_TOKENS,

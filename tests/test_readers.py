@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from tuneforge.core.params import OutputSpec, SplitSpec, TaskSpec, load_params
+from tuneforge.core.kinds import output_spec
+from tuneforge.core.params import SplitSpec, TaskSpec, load_params
 from tuneforge.core.readers import Record, Rejected, content_id, read_source
 from tuneforge.core.records import normalise
 from tuneforge.stages.prepare import prepare, split_of
 
-LABELS = OutputSpec(kind="label", labels=["spam", "ham"])
+LABELS = output_spec(kind="label", labels=["spam", "ham"])
 
 
 def task(reader: str, source: str = "x", **kw) -> TaskSpec:
@@ -106,7 +107,7 @@ def test_prepare_quarantines_unknown_labels_duplicate_ids_and_conflicts(tmp_path
 
 def test_json_object_answers_are_checked(tmp_path):
     spec = task("prompt_completion_jsonl", source="j.jsonl",
-                output=OutputSpec(kind="json_object", allowed_keys=["City"]))
+                output=output_spec(kind="json_object", allowed_keys=["City"]))
     rows = [{"prompt": "a", "completion": '{"City": "X"}'}, {"prompt": "b", "completion": "{oops"},
             {"prompt": "c", "completion": '{"Town": "X"}'}, {"prompt": "d", "completion": '{"City": 1}'}]
     (tmp_path / "j.jsonl").write_text("\n".join(map(json.dumps, rows)))

@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 
 from tuneforge.core.chat import special_tokens_in
 from tuneforge.core.constraints import constrain_request
-from tuneforge.core.params import OutputSpec
+from tuneforge.core.kinds import OutputKind
 from tuneforge.core.pii import redact
 from tuneforge.core.traffic import append_request
 
@@ -106,7 +106,7 @@ class Route:
     base_file: Path | None = None
     base_sha256: str | None = None
     # The task's output kind: each request decodes under its grammar (core.constraints), as evaluated.
-    output: OutputSpec | None = None
+    output: OutputKind | None = None
     max_new_tokens: int = 96  # the task's token budget, as evaluated
     special_tokens: tuple[str, ...] = ()  # the served model's control tokens as text: refused in messages
     allow_client_max_tokens: bool = False  # params' serve.allow_client_max_tokens

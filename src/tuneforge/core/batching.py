@@ -14,11 +14,12 @@ from tuneforge.core.chat import IGNORE, Rendered, render
 from tuneforge.core.params import TrainSpec
 
 
-def render_records(tokenizer, records: list[dict], max_seq_len: int) -> list[Rendered]:
-    """Chat-render each record, truncated to max_seq_len; records left with no trained token are dropped."""
+def render_records(tokenizer, records: list[dict], max_seq_len: int, **template_kwargs) -> list[Rendered]:
+    """Chat-render each record (template_kwargs: the output kind's, e.g. tools=), truncated to max_seq_len; records
+    left with no trained token are dropped."""
     out = []
     for record in records:
-        r = render(tokenizer, record["messages"])
+        r = render(tokenizer, record["messages"], **template_kwargs)
         r = Rendered(r.input_ids[:max_seq_len], r.labels[:max_seq_len])
         if r.trained_tokens:
             out.append(r)

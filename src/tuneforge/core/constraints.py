@@ -1,19 +1,9 @@
-"""Constrained decoding: one grammar a request, built from the task's OutputSpec, used everywhere.
+"""Constrained decoding: one grammar a request, from the task's output kind (core/kinds), used everywhere.
 
 The grammar is GBNF (llama.cpp's format). `tuneforge serve` hands it to llama.cpp's own grammar sampler; the
 evaluation stage (HF generation) and the export stage's GGUF runs feed the same text to llguidance
 (`grammar_from("gbnf", ...)`), which masks the logits token by token. So the answers that are evaluated, exported
-and served are drawn from one language:
-
-- label: exactly one of output.labels.
-- json_object: a non-empty JSON object whose keys are output.allowed_keys (any order) and whose values are
-  strings. json_schema() states the same contract as a JSON schema for clients.
-- json_object with output.extractive: each value is a run of the input's own words, in input order (a word may
-  drop its trailing commas), joined by single spaces; so a value can only be copied from this request's input.
-  Ordered runs rather than contiguous spans because labelled data joins the tokens of one tag across the address
-  (usaddress: "Route 30 & Route 45" -> StreetName "30 45"; 86 of 8,836 values in labeled.xml).
-
-Keys may repeat (a grammar cannot forbid that cheaply); json.loads keeps the last value, as scoring does.
+and served are drawn from one language. Each kind's module says what its grammar allows.
 """
 
 from __future__ import annotations
@@ -25,83 +15,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from tuneforge.core.params import OutputSpec
-
-# A JSON string's characters, as in llama.cpp's json.gbnf: no raw quote, backslash or control character.
-_JSON_STRING = r'"\"" ( [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] ) )* "\""'
+    from tuneforge.core.kinds import OutputKind
 
 
-def gbnf_literal(text: str) -> str:
-    """text as a GBNF string literal."""
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\x{ord(ch):02X}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def json_schema(output: OutputSpec) -> dict:
-    """The answer's JSON schema: the contract for clients (the grammar below is what decoding enforces)."""
-    if output.kind == "label":
-        return {"type": "string", "enum": list(output.labels)}
-    return {"type": "object", "properties": {key: {"type": "string"} for key in output.allowed_keys},
-            "additionalProperties": False, "minProperties": 1}
-
-
-def input_words(input_text: str) -> list[list[str]]:
-    """The forms each whitespace-separated word of the input may take in a value: itself, and without trailing
-    commas (readers strip those: "Memphis," -> "Memphis")."""
-    words = []
-    for word in input_text.split():
-        forms = [word] if word.rstrip(",") in ("", word) else [word, word.rstrip(",")]
-        words.append([json.dumps(form, ensure_ascii=False)[1:-1] for form in forms])  # as they appear inside a JSON string
-    return words
-
-
-def _extractive_rules(input_text: str) -> list[str]:
-    """value ::= a JSON string of input words in input order.
-
-    s<i> offers each word form that occurs at or after word i, once, leading to the state after its first such
-    occurrence: a string of words has one parse (leftmost matching), however often a word repeats. The language
-    is the same as "any later word" would give, but the grammar sampler keeps one stack where that kept one per
-    repeat (a 600-character "a a a ..." input made llama.cpp spend minutes on a few tokens).
-    """
-    words = input_words(input_text)
-    if not words:
-        return [f"value ::= {_JSON_STRING}"]
-    rules, first = [], {}  # first: form -> index of its first word at or after i
-    for i in reversed(range(len(words))):
-        first.update({form: i for form in words[i]})
-        rules.append(f"s{i} ::= " + " | ".join(
-            gbnf_literal(form) + (f' ( " " s{j + 1} )?' if j + 1 < len(words) else "") for form, j in first.items()))
-    return ['value ::= "\\"" s0 "\\""', *reversed(rules)]
-
-
-def grammar_for(output: OutputSpec, input_text: str = "") -> str:
-    """The GBNF grammar an answer to input_text must match (the input matters only for extractive outputs)."""
-    if output.kind == "label":
-        return "root ::= " + " | ".join(gbnf_literal(label) for label in output.labels) + "\n"
-    keys = " | ".join(gbnf_literal(json.dumps(key, ensure_ascii=False)) for key in output.allowed_keys)
-    rules = [
-        # One optional space after ',' and ':' covers json.dumps' default and compact separators alike; unbounded
-        # whitespace would let a small model ramble in blanks.
-        'root ::= "{" pair ( "," " "? pair )* "}"',
-        'pair ::= key ":" " "? value',
-        f"key ::= {keys}",
-        *(_extractive_rules(input_text) if output.extractive else [f"value ::= {_JSON_STRING}"]),
-    ]
-    return "\n".join(rules) + "\n"
-
-
-def grammars_for(output: OutputSpec, records: list[dict]) -> list[str] | None:
-    """Each record's grammar (its user turn is the input), or None when the task decodes freely."""
+def grammars_for(output: OutputKind, records: list[dict]) -> list[str] | None:
+    """Each record's grammar, or None when the task decodes freely (output.constrained false, or a kind without a
+    grammar)."""
     if not output.constrained:
         return None
-    return [grammar_for(output, record["messages"][-2]["content"]) for record in records]
+    grammars = [output.grammar(output.input_text(record)) for record in records]
+    return None if any(g is None for g in grammars) else grammars
 
 
 def _byte_level(component: dict | None) -> bool:
@@ -229,11 +152,13 @@ def hf_logits_processor(tokenizer, n_vocab: int, grammars: list[str]):
     return GrammarLogitsProcessor()
 
 
-def constrain_request(payload: dict, output: OutputSpec) -> dict:
+def constrain_request(payload: dict, output: OutputKind) -> dict:
     """An OpenAI-style chat request given the task's grammar for its last user message (llama-cpp-python's server
     reads `grammar`); left alone when the task decodes freely. A grammar the payload held is replaced: no client
     grammar is used (`tuneforge serve` refuses them: one llama.cpp cannot parse crashes it)."""
     if output.constrained:
         user = [m["content"] for m in payload.get("messages", []) if m.get("role") == "user"]
-        payload["grammar"] = grammar_for(output, user[-1] if user else "")
+        grammar = output.grammar(user[-1] if user else "")
+        if grammar is not None:
+            payload["grammar"] = grammar
     return payload

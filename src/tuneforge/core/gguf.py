@@ -9,11 +9,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from tuneforge.core.chat import prompt_text, stop_token_ids
+
+if TYPE_CHECKING:
+    from tuneforge.core.kinds import OutputKind
 
 # Spin-waiting OpenMP threads stall llama.cpp on a busy 2-core machine (a run went from 3 s to >120 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -60,13 +64,15 @@ def last_logits(llm) -> np.ndarray:
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
-def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, desc: str | None = None,
-                  grammars: list[str] | None = None) -> GgufRun:
+def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, output: OutputKind | None = None,
+                  desc: str | None = None, grammars: list[str] | None = None) -> GgufRun:
     """Greedy answers to each record's conversation minus its last (reference) message; with desc, a progress bar.
 
     The prompt is the HF tokenizer's chat-template rendering, fed as token ids, so the GGUF model reads exactly
     the tokens the HF model read in evaluation; create_chat_completion re-renders and re-tokenizes inside llama.cpp.
     grammars: one GBNF grammar a record (core.constraints), applied with the same masking as HF evaluation.
+    output: the task's output kind, bound to the tokenizer: its template arguments and how it reads an answer
+    (None: the decoded text is the answer).
     """
     from tuneforge.core.constraints import GrammarMatcher, mask_logits
 
@@ -74,7 +80,8 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, desc
     results = []
     for i, record in enumerate(tqdm(records, desc=desc, unit="answer", disable=desc is None)):
         matcher = GrammarMatcher(tokenizer, llm.n_vocab(), grammars[i]) if grammars is not None else None
-        ids = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompt_text(tokenizer, record["messages"], **(output.template_kwargs() if output else {})),
+                        add_special_tokens=False)["input_ids"]
         llm.reset()
         start = time.perf_counter()
         llm.eval(ids)
@@ -92,7 +99,9 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, desc
                 matcher.consume(token)
             answer.append(token)
             llm.eval([token])
-        results.append({"output": tokenizer.decode(answer, skip_special_tokens=True).strip(), "prompt_tokens": len(ids),
+        text = tokenizer.decode(answer, skip_special_tokens=True).strip()
+        results.append({"output": output.from_generation(text) if output else text,
+                        "prompt_tokens": len(ids),
                         "generated_tokens": len(answer), "prompt_seconds": prompt_seconds,
                         "generation_seconds": time.perf_counter() - start})
     return GgufRun(results)

@@ -10,7 +10,6 @@ import math
 import random
 import re
 import sys
-import unicodedata
 from collections.abc import Hashable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, Literal
@@ -19,7 +18,6 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    ConfigDict,
     Field,
     StrictBool,
     ValidationError,
@@ -27,75 +25,13 @@ from pydantic import (
     model_validator,
 )
 
+from tuneforge.core.fields import Strict
+from tuneforge.core.kinds import OutputSpec
 from tuneforge.core.paths import repo_root
 
 EMBEDDED_BASE = "smollm2-135m-instruct"
 
 
-class Strict(BaseModel):
-    # allow_inf_nan: YAML's .inf and .nan are floats, and no setting here means anything at infinity
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-# Characters a reader cannot see: control and format characters (zero-width space, joiners, BOM), unassigned and
-# private-use code points, line and paragraph separators.
-HIDDEN_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
-
-
-def _exact_name(name: str) -> str:
-    """A label or JSON key must be what the model can write and a reader can see: the answer is compared with it
-    character for character, so `" spam"` or a fullwidth `ｓｐａｍ` is a class no prediction ever matches."""
-    if name != name.strip():
-        raise ValueError(f"{name!r} has leading or trailing whitespace")
-    hidden = [f"U+{ord(c):04X}" for c in name if unicodedata.category(c) in HIDDEN_CATEGORIES]
-    if hidden:
-        raise ValueError(f"{name!r} holds invisible or control characters ({', '.join(hidden)})")
-    if unicodedata.normalize("NFKC", name) != name:
-        raise ValueError(f"{name!r} is not NFKC-normalised (NFKC gives {unicodedata.normalize('NFKC', name)!r}): "
-                         "fullwidth letters, ligatures and odd spaces look like plain text but are other characters")
-    return name
-
-
-ExactName = Annotated[str, AfterValidator(_exact_name)]
-
-
-class OutputSpec(Strict):
-    kind: Literal["json_object", "label"]
-    allowed_keys: list[ExactName] = Field(default_factory=list, description="json_object: keys the answer may use")
-    labels: list[ExactName] = Field(default_factory=list, description="label: the exact answers allowed")
-    constrained: bool = Field(True, description="decode under the grammar of this output kind (evaluation, export, "
-                              "serve); false: free generation, scored the same way")
-    extractive: bool = Field(False, description="json_object: every value is copied from the input (its words, in "
-                             "order), and constrained decoding allows only those")
-
-    @model_validator(mode="after")
-    def _kind_needs_its_list(self) -> OutputSpec:
-        if self.kind == "json_object" and not self.allowed_keys:
-            raise ValueError("output.kind json_object needs a non-empty output.allowed_keys list")
-        if self.kind == "label" and len(self.labels) < 2:
-            raise ValueError("output.kind label needs output.labels with at least two labels")
-        if self.extractive and self.kind != "json_object":
-            raise ValueError("output.extractive is an option of output.kind json_object")
-        for name, items in (("labels", self.labels), ("allowed_keys", self.allowed_keys)):
-            repeated = sorted({x for x in items if items.count(x) > 1})
-            if repeated:
-                raise ValueError(f"output.{name} lists {repeated} more than once")
-            if any(not x.strip() for x in items):
-                raise ValueError(f"output.{name} holds an empty name")
-            # Unicode's caseless match (NFKC, then casefold): two names it equates are one name to a reader.
-            seen: dict[str, str] = {}
-            for item in items:
-                other = seen.setdefault(unicodedata.normalize("NFKC", item).casefold(), item)
-                if other != item:
-                    raise ValueError(f"output.{name}: {other!r} and {item!r} differ only in case or look-alike "
-                                     "characters")
-        return self
-
-
-METRICS = {  # the scalar metrics tuneforge.core.metrics computes for each output kind
-    "json_object": ["micro_f1", "exact_match", "valid_json", "allowed_keys_only", "micro_precision", "micro_recall"],
-    "label": ["macro_f1", "accuracy", "valid_label"],
-}
 READERS = ("chat_jsonl", "alpaca_jsonl", "prompt_completion_jsonl", "csv", "usaddress_xml", "sms_spam_lines")
 
 
@@ -107,7 +43,8 @@ class TaskSpec(Strict):
     )
     system_prompt: str = ""
     output: OutputSpec
-    primary_metric: str = Field(description="the metric gates and summaries use, e.g. micro_f1 or macro_f1")
+    primary_metric: str = Field("", description="the metric gates and summaries use, e.g. micro_f1 or macro_f1; "
+                                "empty: the output kind's first metric")
     max_new_tokens: int = Field(96, ge=1, description="generation budget for one answer")
     min_score: float | None = Field(None, ge=0, le=1, description="evaluation gate for this task; default evaluate.min_tuned_score")
     production_fraction: float = Field(
@@ -128,7 +65,9 @@ class TaskSpec(Strict):
 
     @model_validator(mode="after")
     def _metric_fits_output(self) -> TaskSpec:
-        known = METRICS[self.output.kind]
+        known = list(self.output.metric_functions())
+        if not self.primary_metric:
+            self.primary_metric = known[0]
         if self.primary_metric not in known:
             raise ValueError(f"primary_metric {self.primary_metric!r} is not a {self.output.kind} metric; use one of {known}")
         return self
@@ -245,6 +184,15 @@ class TrainSpec(Strict):
         "e.g. {sms_spam: {learning_rate: 4.0e-3}}: tasks differ in what recipe suits them")
 
 
+def _slice_name(name: str) -> str:
+    if name != "input_length" and not (name.startswith("metadata.") and len(name) > len("metadata.")):
+        raise ValueError(f"{name!r} is not a slice: use input_length or metadata.<field>")
+    return name
+
+
+SliceName = Annotated[str, AfterValidator(_slice_name)]
+
+
 class EvaluateSpec(Strict):
     max_rows: int = Field(0, ge=0, description="0: the whole test split")
     batch_size: int = Field(48, ge=1)
@@ -252,6 +200,11 @@ class EvaluateSpec(Strict):
     max_regression: float = Field(0.0, ge=0, le=1, description="gate: tuned may trail base by at most this")
     compare_free: bool = Field(True, description="constrained tasks: also decode the tuned model without the grammar "
                                "(tuned_free_* metrics); false saves that generation pass")
+    slices: list[SliceName] = Field(
+        default_factory=lambda: ["input_length"], description="test rows grouped by each of these, the primary metric "
+        "per group with its count and interval, the worst group named in the report: input_length (short, medium, "
+        "long thirds of the test inputs by words) or metadata.<field> (a field the raw record carried, e.g. "
+        "metadata.region)")
 
 
 # The types llama.cpp's quantizer takes (core/quantize.py looks each up as llama_cpp.LLAMA_FTYPE_MOSTLY_<type>), as

@@ -191,9 +191,11 @@ def hf_to_gguf_names(hf_model, gguf_file: Path) -> dict[str, str]:
     return mapping
 
 
-def collect_imatrix(hf_model, tokenizer, records: list[dict], gguf_file: Path, max_seq_len: int) -> dict[str, np.ndarray]:
+def collect_imatrix(hf_model, tokenizer, records: list[dict], gguf_file: Path, max_seq_len: int,
+                    template_kwargs: dict | None = None) -> dict[str, np.ndarray]:
     """Importance matrix: for every linear weight, the mean of x^2 per input column over all tokens of the
-    given conversations (prompt and answer), collected with forward hooks on the full-precision model.
+    given conversations (prompt and answer, rendered with the output kind's template_kwargs), collected with forward
+    hooks on the full-precision model.
 
     Keyed by GGUF tensor name (e.g. blk.3.attn_q.weight); the output head is left out, as llama.cpp's
     imatrix tool does by default (and SmolLM2 ties it to the token embedding, which a one-hot input can't
@@ -201,6 +203,8 @@ def collect_imatrix(hf_model, tokenizer, records: list[dict], gguf_file: Path, m
     import torch
 
     from tuneforge.core.chat import render
+
+    template_kwargs = template_kwargs or {}
 
     mapping = hf_to_gguf_names(hf_model, gguf_file)
     if not mapping:
@@ -222,7 +226,7 @@ def collect_imatrix(hf_model, tokenizer, records: list[dict], gguf_file: Path, m
     try:
         with torch.no_grad():
             for record in records:
-                ids = render(tokenizer, record["messages"]).input_ids[:max_seq_len]  # the tokens training saw
+                ids = render(tokenizer, record["messages"], **template_kwargs).input_ids[:max_seq_len]  # as trained
                 hf_model(input_ids=torch.tensor([ids]))
     finally:
         for h in hooks:

@@ -20,7 +20,7 @@ import yaml
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
-from tuneforge.core.metrics import PLAIN_METRICS, Interval
+from tuneforge.core.metrics import Interval
 from tuneforge.core.params import EMBEDDED_BASE, Params, TaskSpec, load_params
 from tuneforge.core.paths import PIPELINE, STAGE_METRICS, repo_root, task_gguf_file
 
@@ -46,10 +46,7 @@ METRIC_NAMES = {"micro_f1": "micro-F1", "macro_f1": "macro-F1", "exact_match": "
 SHARES = {"exact_match", "accuracy", "valid_json", "valid_label", "valid_answer", "allowed_keys_only",
           "hallucination_rate", "drift_share", "invalid_fraction", "near_leakage_fraction", "pii_fraction",
           "over_length_fraction"}
-# The plain-language measure of each output kind (how often the whole answer is right) and its sentence.
-PLAIN = {"json_object": (PLAIN_METRICS["json_object"], "gets {share} of the {n} test inputs exactly right"),
-         "label": (PLAIN_METRICS["label"], "labels {share} of the {n} test inputs correctly")}
-# The share of answers that fit the task's output contract (core.outputs.answer_problem), for every kind.
+# The share of answers that fit the task's output contract (the output kind's answer_problem), for every kind.
 VALIDITY = "valid_answer"
 SERIES_COLORS = {"base": "#9aa0a6", "baseline": "#e0a030", "tuned": "#1f6feb"}
 
@@ -260,7 +257,7 @@ class TaskReport:
 
     @property
     def plain_metric(self) -> str:
-        metric = PLAIN[self.spec.output.kind][0]
+        metric = self.spec.output.plain_metric
         return metric if f"tuned_{metric}" in self.eval else self.primary
 
     @property
@@ -278,8 +275,8 @@ class TaskReport:
         metric = self.plain_metric
         tuned, base = ev[f"tuned_{metric}"], ev.get(f"base_{metric}")
         tuned_text = with_interval(tuned, self.interval("eval", f"tuned_{metric}"), metric)
-        if metric == PLAIN[self.spec.output.kind][0]:
-            what = PLAIN[self.spec.output.kind][1].format(share=tuned_text, n=fmt(ev.get("test_rows")))
+        if metric == self.spec.output.plain_metric:
+            what = self.spec.output.plain_sentence.format(share=tuned_text, n=fmt(ev.get("test_rows")))
         else:
             what = f"scores {tuned_text} {metric_name(metric)} on {fmt(ev.get('test_rows'))} test inputs"
         sentence = f"The fine-tuned model {what}"
@@ -491,6 +488,20 @@ class TaskReport:
                  "served": q == self.served}
                 for q in ["f16", *self.params.export.quantizations] if f"{q}_size_mb" in ex]
 
+    def weakest_slices(self) -> list[str]:
+        """A sentence for each evaluation slice (evaluate.slices): the group the fine-tuned model does worst on."""
+        out, metric = [], self.primary
+        for name, found in (self.eval.get("slices") or {}).items():
+            worst = found.get("worst")
+            if worst is None:
+                continue
+            group = found["groups"][worst]
+            others = ", ".join(f"{g} {fmt(v[metric], metric)}" for g, v in found["groups"].items() if g != worst)
+            out.append(f"By {name.replace('_', ' ')}, it does worst on {worst}: {metric_name(metric)} "
+                       f"{with_interval(group[metric], Interval.from_metrics(group, metric), metric)} on {group['n']} "
+                       f"rows (other groups: {others}).")
+        return out
+
     def limitations(self) -> list[str]:
         """What a user should know before relying on the model, each from a measured number."""
         ev, ex, tr, out = self.eval, self.export, self.train, []
@@ -505,10 +516,11 @@ class TaskReport:
         valid = ev.get(f"tuned_{VALIDITY}")
         if valid is not None and valid < 1:
             out.append(f"{fmt(1 - valid, VALIDITY)} of the fine-tuned model's answers are not a valid "
-                       f"{'JSON object' if self.spec.output.kind == 'json_object' else 'label'}: check answers before use.")
+                       f"{self.spec.output.answer_noun}: check answers before use.")
         if ev.get("tuned_hallucination_rate"):
             out.append(f"{fmt(ev['tuned_hallucination_rate'], 'hallucination_rate')} of the values it writes do not "
                        "appear in the input (invented or misspelt).")
+        out.extend(self.weakest_slices())
         baseline = ev.get(f"baseline_{self.primary}")
         if baseline is not None and ev.get(f"tuned_{self.primary}") is not None and baseline > ev[f"tuned_{self.primary}"]:
             out.append(f"A classical model without an LLM scores higher ({metric_name(self.primary)} {fmt(baseline)} against "

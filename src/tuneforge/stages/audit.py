@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 
@@ -10,7 +9,8 @@ import numpy as np
 from datasketch import MinHash, MinHashLSH
 
 from tuneforge.core.chat import IGNORE, render
-from tuneforge.core.params import AuditSpec, OutputSpec
+from tuneforge.core.kinds import OutputKind
+from tuneforge.core.params import AuditSpec
 from tuneforge.core.pii import pii_findings
 from tuneforge.core.records import normalise
 
@@ -74,16 +74,6 @@ def exact_leakage(texts: dict[str, list[str]]) -> list[tuple[str, str, str]]:
     return found
 
 
-def answer_balance(answers: list[str], output: OutputSpec) -> Counter:
-    """Label counts for label tasks, key counts (records using each key) for JSON tasks."""
-    if output.kind == "label":
-        return Counter(answers)
-    counts: Counter[str] = Counter()
-    for answer in answers:
-        counts.update(json.loads(answer).keys())
-    return counts
-
-
 def token_lengths(tokenizer, records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(total tokens, trained tokens) per record, with the real chat template."""
     rendered = [render(tokenizer, r["messages"]) for r in records]
@@ -141,7 +131,7 @@ class AuditResult:
 
 
 def run_audit(splits: dict[str, list[dict]], quarantine: list[dict], prepare_summary: dict,
-              tokenizer, output: OutputSpec, spec: AuditSpec, max_seq_len: int) -> AuditResult:
+              tokenizer, output: OutputKind, spec: AuditSpec, max_seq_len: int) -> AuditResult:
     def user_text(r: dict) -> str:
         return "\n".join(m["content"] for m in r["messages"] if m["role"] == "user")
 
@@ -181,5 +171,5 @@ def run_audit(splits: dict[str, list[dict]], quarantine: list[dict], prepare_sum
         "pii_fraction": len(pii) / max(1, len(everything)),
         **{f"pii_{kind}": n for kind, n in pii_kinds.items()},
     }
-    balance = {name: answer_balance([r["messages"][-1]["content"] for r in rows], output) for name, rows in splits.items()}
+    balance = {name: output.answer_balance([output.reference(r) for r in rows]) for name, rows in splits.items()}
     return AuditResult(metrics, splits, quarantine, lengths, near, leaks, pii[:10], balance)

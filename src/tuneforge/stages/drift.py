@@ -17,22 +17,21 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from tuneforge.core.outputs import answer_problem, prediction_category
-from tuneforge.core.params import OutputSpec
+from tuneforge.core.kinds import OutputKind
 
 OTHER = "(other)"
 
 
 def traffic_frame(inputs: list[str], outputs: list[str | None], latencies_ms: list[float | None],
-                  tokenizer, spec: OutputSpec) -> pd.DataFrame:
+                  tokenizer, spec: OutputKind) -> pd.DataFrame:
     df = pd.DataFrame({"input": pd.Series(inputs, dtype=object)})
     df["input_chars"] = df["input"].str.len()
     df["input_tokens"] = [len(ids) for ids in tokenizer(inputs, add_special_tokens=False)["input_ids"]] if inputs else []
     if inputs and any(o is not None for o in outputs):
         known = [o if o is not None else "" for o in outputs]
         df["output_tokens"] = [len(ids) for ids in tokenizer(known, add_special_tokens=False)["input_ids"]]
-        df["output_valid"] = ["invalid" if answer_problem(o, spec) else "valid" for o in known]
-        df["prediction"] = [prediction_category(o, spec) for o in known]
+        df["output_valid"] = ["invalid" if spec.answer_problem(o) else "valid" for o in known]
+        df["prediction"] = [spec.category(o) for o in known]
         df.loc[[o is None for o in outputs], ["output_tokens", "output_valid", "prediction"]] = np.nan
     if any(lat is not None for lat in latencies_ms):
         df["latency_ms"] = pd.array(latencies_ms, dtype="Float64")

@@ -4,21 +4,21 @@ trained on the same train split."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 from transformers import LogitsProcessorList
 
-from tuneforge.core import metrics
 from tuneforge.core.batching import collate_padded, evaluate_loss, render_records
 from tuneforge.core.chat import prompt_text, stop_token_ids
 from tuneforge.core.constraints import grammars_for, hf_logits_processor
-from tuneforge.core.metrics import PLAIN_METRICS, Interval, bootstrap_interval, paired_difference, score_outputs
+from tuneforge.core.metrics import Interval, bootstrap_interval, paired_difference, score_outputs
+from tuneforge.core.kinds import OutputKind
 from tuneforge.core.params import EvaluateSpec, TaskSpec
+from tuneforge.core.slices import slice_metrics
 
 
 @dataclass
@@ -30,10 +30,10 @@ class Generations:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_tokens: int,
+def generate(model, tokenizer, records: list[dict], *, output: OutputKind, batch_size: int, max_new_tokens: int,
              desc: str = "answers", grammars: list[str] | None = None) -> Generations:
     """Greedy, batched by prompt length, left-padded (so every prompt ends where generation starts); answers come
-    back in record order. A progress bar named desc.
+    back in record order, as the output kind (bound to the tokenizer) reads them. A progress bar named desc.
 
     grammars: one GBNF grammar a record (core.constraints); each row of a batch is masked by its own.
     """
@@ -41,7 +41,7 @@ def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_
     model.eval()
     device = next(model.parameters()).device
     n_vocab = model.get_output_embeddings().weight.shape[0]
-    prompts = [prompt_text(tokenizer, r["messages"]) for r in records]
+    prompts = [prompt_text(tokenizer, r["messages"], **output.template_kwargs()) for r in records]
     # Batches of similar prompt length: a batch pads to its longest prompt, and SMS lengths vary tenfold.
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(records)), key=lambda i: lengths[i])
@@ -62,7 +62,7 @@ def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_
         for i, row in zip(batch, out[:, enc["input_ids"].shape[1]:]):
             ids = row.tolist()
             ids = ids[: next((k for k, t in enumerate(ids) if t in stops), len(ids))]
-            outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            outputs[i] = output.from_generation(tokenizer.decode(ids, skip_special_tokens=True).strip())
             n_tokens[i] = len(ids)
             latency[i] = elapsed / len(batch)
         bar.update(len(batch))
@@ -70,21 +70,21 @@ def generate(model, tokenizer, records: list[dict], *, batch_size: int, max_new_
     return Generations(outputs, latency, n_tokens, sum(n_tokens) / max(total_time, 1e-9))
 
 
-def perplexity(model, tokenizer, records: list[dict], max_seq_len: int, batch_size: int) -> float:
+def perplexity(model, tokenizer, records: list[dict], max_seq_len: int, batch_size: int, output: OutputKind) -> float:
     """exp(mean loss on answer tokens) over the given records."""
     device = str(next(model.parameters()).device)
     # Batches of similar length (a batch pads to its longest); the mean is over tokens, so order does not matter.
-    examples = sorted(render_records(tokenizer, records, max_seq_len), key=lambda ex: len(ex.input_ids))
+    examples = sorted(render_records(tokenizer, records, max_seq_len, **output.template_kwargs()), key=lambda ex: len(ex.input_ids))
     batches = [collate_padded(examples[i : i + batch_size], tokenizer.pad_token_id)
                for i in range(0, len(examples), batch_size)]
     return math.exp(evaluate_loss(model, batches, device))
 
 
 def per_example(task: TaskSpec, record: dict, output: str) -> tuple[float, str]:
-    kw = {"allowed_keys": task.output.allowed_keys, "labels": task.output.labels}
-    user, reference = record["messages"][-2]["content"], record["messages"][-1]["content"]
-    return (metrics.example_score(task.output.kind, output, reference, user, **kw),
-            metrics.error_kind(task.output.kind, output, reference, user, **kw))
+    """(the answer's score in [0, 1], its error category), as the task's output kind judges one answer."""
+    kind = task.output
+    reference, input_text = kind.reference(record), kind.input_text(record)
+    return kind.example_score(output, reference, input_text), kind.error_kind(output, reference, input_text)
 
 
 def gate(task: TaskSpec, spec: EvaluateSpec, summary: dict) -> list[str]:
@@ -108,123 +108,12 @@ def gate(task: TaskSpec, spec: EvaluateSpec, summary: dict) -> list[str]:
     return failures
 
 
-# --- Classical baselines: what a model without an LLM reaches on the same split, scored by the same code. ---
-
-def _inputs_and_answers(records: list[dict]) -> tuple[list[str], list[str]]:
-    return [r["messages"][-2]["content"] for r in records], [r["messages"][-1]["content"] for r in records]
-
-
-def label_baseline(train: list[dict], test: list[dict], seed: int = 0) -> list[str]:
-    """TF-IDF over word 1-2-grams and character 2-5-grams, then logistic regression: the test answers."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline, make_union
-
-    texts, labels = _inputs_and_answers(train)
-    model = make_pipeline(
-        make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-                   TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)),
-        LogisticRegression(C=10, max_iter=2000, random_state=seed))  # C=10: TF-IDF features are small and many
-    model.fit(texts, labels)
-    return list(model.predict(_inputs_and_answers(test)[0]))
-
-
-NO_TAG = "(none)"
-
-
-def _words(text: str) -> list[str]:
-    """The input's words as values hold them (whitespace-separated, trailing commas dropped), as
-    core.constraints.input_words allows them."""
-    return [w.rstrip(",") or w for w in text.split()]
-
-
-def word_tags(input_text: str, answer: dict) -> list[str]:
-    """The key each input word was copied into (NO_TAG for none): every value's words are matched to the input's
-    words in order, the earliest unmatched value word first, so that a value spread over the input ("30 45")
-    still aligns."""
-    pending = {key: str(value).split() for key, value in answer.items()}
-    tags = []
-    for word in _words(input_text):
-        key = next((k for k, rest in pending.items() if rest and rest[0] == word), None)
-        if key is not None:
-            pending[key].pop(0)
-        tags.append(key or NO_TAG)
-    return tags
-
-
-def _shape(word: str) -> str:
-    """Character classes with runs collapsed: "123" -> "d", "St." -> "Xx.", "#4B" -> "#dX"."""
-    classes = ["d" if c.isdigit() else "X" if c.isupper() else "x" if c.islower() else c for c in word]
-    return "".join(c for i, c in enumerate(classes) if i == 0 or c != classes[i - 1])
-
-
-def word_features(text: str) -> list[dict]:
-    """Per word: itself, its shape, affixes, position and its neighbours (two each side)."""
-    raw = text.split()
-    words = _words(text)
-    feats = []
-    for i, word in enumerate(words):
-        f = {"word": word.lower(), "shape": _shape(word), "prefix": word[:3].lower(), "suffix": word[-3:].lower(),
-             "comma": raw[i].endswith(","), "digits": word.isdigit(), "length": min(len(word), 6),
-             "from_start": min(i, 6), "from_end": min(len(words) - 1 - i, 6)}
-        for offset in (-2, -1, 1, 2):
-            j = i + offset
-            if 0 <= j < len(words):
-                f[f"word{offset:+d}"] = words[j].lower()
-                f[f"shape{offset:+d}"] = _shape(words[j])
-                f[f"comma{offset:+d}"] = raw[j].endswith(",")
-            else:
-                f[f"word{offset:+d}"] = "(edge)"
-        feats.append(f)
-    return feats
-
-
-def _int32_indices(matrix):
-    """DictVectorizer's sparse matrix with 32-bit indices: here it builds 64-bit ones, which liblinear refuses."""
-    matrix.indices, matrix.indptr = matrix.indices.astype("int32"), matrix.indptr.astype("int32")
-    return matrix
-
-
-def tagger_baseline(train: list[dict], test: list[dict], seed: int = 0) -> list[str]:
-    """json_object tasks whose values are copied from the input: a linear classifier over word features predicts
-    each input word's key; the words of one key, in order, make its value (how usaddress itself parses, with a
-    CRF there). The test answers as JSON.
-
-    A linear SVM rather than logistic regression: on address_json's validation split it scored micro-F1 0.883
-    against 0.868 and trained in 3 s against 190 s on this 2-core machine."""
-    from sklearn.feature_extraction import DictVectorizer
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import FunctionTransformer
-    from sklearn.svm import LinearSVC
-
-    X, y = [], []
-    for text, answer in zip(*_inputs_and_answers(train), strict=True):
-        X += word_features(text)
-        y += word_tags(text, json.loads(answer))
-    model = make_pipeline(DictVectorizer(), FunctionTransformer(_int32_indices),
-                          LinearSVC(C=1.0, max_iter=5000, random_state=seed))
-    model.fit(X, y)
-    outputs = []
-    for text in _inputs_and_answers(test)[0]:
-        words = _words(text)
-        obj: dict[str, list[str]] = {}
-        for word, tag in zip(words, model.predict(word_features(text)) if words else [], strict=True):
-            if tag != NO_TAG:
-                obj.setdefault(tag, []).append(word)
-        outputs.append(json.dumps({k: " ".join(v) for k, v in obj.items()}, ensure_ascii=False))
-    return outputs
-
-
-BASELINES = {"label": ("TF-IDF (word 1-2-grams + char 2-5-grams) + logistic regression", label_baseline),
-             "json_object": ("linear-SVM word tagger (values copied from the input)", tagger_baseline)}
-
-
 def run_baseline(task: TaskSpec, train: list[dict], test: list[dict]) -> tuple[str, list[str], float]:
-    """(description, test answers, training + prediction seconds) of the output kind's classical baseline."""
-    name, fit_predict = BASELINES[task.output.kind]
+    """(description, test answers, training + prediction seconds) of the output kind's classical baseline: what a
+    model without an LLM reaches on the same split, scored by the same code."""
     start = time.perf_counter()
-    outputs = fit_predict(train, test)
-    return name, outputs, time.perf_counter() - start
+    outputs = task.output.baseline(train, test)
+    return task.output.baseline_name, outputs, time.perf_counter() - start
 
 
 @dataclass
@@ -243,6 +132,7 @@ class EvalResult:
     baseline_outputs: list[str]
     baseline_seconds: float
     task: TaskSpec
+    slices: list[str] = field(default_factory=list)  # evaluate.slices: the groups the tuned model is scored by
 
     def outputs(self) -> dict[str, list[str]]:
         """Each scored model's answers, by the name its metrics carry in eval.json."""
@@ -259,7 +149,7 @@ class EvalResult:
         primary metric and the plain one (exact match or accuracy): eval.json's keys, as Interval.to_metrics writes
         them."""
         out = {}
-        for metric in dict.fromkeys([self.task.primary_metric, PLAIN_METRICS[self.task.output.kind]]):
+        for metric in dict.fromkeys([self.task.primary_metric, self.task.output.plain_metric]):
             for who, outputs in self.outputs().items():
                 out.update(bootstrap_interval(self.task, self.records, outputs, metric).to_metrics(f"{who}_{metric}"))
             out.update(paired_difference(self.task, self.records, self.tuned.outputs, self.base.outputs,
@@ -290,6 +180,7 @@ class EvalResult:
         out["test_rows"] = len(self.records)
         out["primary_metric"] = self.task.primary_metric
         out["constrained"] = self.constrained
+        out["slices"] = slice_metrics(self.task, self.records, self.tuned.outputs, self.slices)
         return out
 
     def prediction_rows(self) -> list[dict]:
@@ -297,8 +188,8 @@ class EvalResult:
         rows = []
         outputs = self.outputs()
         for i, record in enumerate(self.records):
-            row = {"id": record["id"], "input": record["messages"][-2]["content"],
-                   "expected": record["messages"][-1]["content"]}
+            row = {"id": record["id"], "input": self.task.output.input_text(record),
+                   "expected": self.task.output.reference(record)}
             for who, answers in outputs.items():
                 row[f"{who}_output"] = answers[i]
                 row[f"{who}_score"], row[f"{who}_error"] = per_example(self.task, record, answers[i])
@@ -326,14 +217,15 @@ def run_evaluation(task: TaskSpec, spec: EvaluateSpec, max_seq_len: int, train: 
     device = pick_device()
     tokenizer = load_tokenizer(base_dir)
     model = load_causal_lm(base_dir, dtype=compute_dtype(device), device=device, trust_remote_code=trust_remote_code)
-    kw = {"batch_size": spec.batch_size, "max_new_tokens": task.max_new_tokens}
-    grammars = grammars_for(task.output, test)
+    output = task.output.bind(tokenizer)
+    kw = {"output": output, "batch_size": spec.batch_size, "max_new_tokens": task.max_new_tokens}
+    grammars = grammars_for(output, test)
     base = generate(model, tokenizer, test, desc="base model answers", grammars=grammars, **kw)
-    base_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size)
+    base_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size, output)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tuned = generate(model, tokenizer, test, desc="tuned model answers", grammars=grammars, **kw)
     tuned_free = (generate(model, tokenizer, test, desc="tuned model answers, no grammar", **kw)
                   if grammars is not None and spec.compare_free else None)
-    tuned_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size)
+    tuned_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size, output)
     return EvalResult(test, grammars is not None, base, tuned, tuned_free, base_ppl, tuned_ppl,
-                      baseline_name, baseline_outputs, baseline_seconds, task)
+                      baseline_name, baseline_outputs, baseline_seconds, task, spec.slices)

@@ -19,8 +19,9 @@ import torch
 from tqdm import tqdm
 
 from tuneforge.core.adapters import AdapterSwitch
-from tuneforge.core.chat import end_of_turn, prompt_text, stop_token_ids, tokens_after
+from tuneforge.core.chat import IGNORE, prompt_text, render, stop_token_ids
 from tuneforge.core.constraints import grammars_for
+from tuneforge.core.kinds import OutputKind
 from tuneforge.core.gguf import (
     file_sha256,
     generate_gguf,
@@ -96,19 +97,23 @@ class ParityReference:
 
 
 @torch.no_grad()
-def parity_reference(hf_model, tokenizer, records: list[dict], desc: str = "HF next-token reference") -> ParityReference:
+def parity_reference(hf_model, tokenizer, records: list[dict], output: OutputKind,
+                     desc: str = "HF next-token reference") -> ParityReference:
     reference = ParityReference([], [], [])
     for record in tqdm(records, desc=desc, unit="answer"):
-        text = prompt_text(tokenizer, record["messages"])
-        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-        # Tokenized after the prompt, as chat.render does for training.
-        answer = tokens_after(tokenizer, text, prompt, record["messages"][-1]["content"] + end_of_turn(tokenizer))
-        ids = prompt + answer
+        # The tokens training saw (chat.render), through the last answer: its trained span is what is compared.
+        rendered = render(tokenizer, record["messages"], **output.template_kwargs())
+        trained = [i for i, label in enumerate(rendered.labels) if label != IGNORE]
+        end = trained[-1] + 1
+        start = end
+        while start > 0 and rendered.labels[start - 1] != IGNORE:
+            start -= 1
+        ids = rendered.input_ids[:end]
         logits = hf_model(torch.tensor([ids])).logits[0].float()
         reference.sequences.append(ids)
-        reference.prompt_lengths.append(len(prompt))
+        reference.prompt_lengths.append(start)
         # Positions that predict the answer tokens: the last prompt token through the second-to-last answer token.
-        reference.log_probs.append(torch.log_softmax(logits[len(prompt) - 1 : len(ids) - 1], -1))
+        reference.log_probs.append(torch.log_softmax(logits[start - 1 : end - 1], -1))
     return reference
 
 
@@ -136,12 +141,13 @@ SPEED_PROMPTS, SPEED_STEPS = 4, 32
 
 
 @torch.no_grad()
-def hf_speed(hf_model, tokenizer, records: list[dict], max_new_tokens: int) -> dict:
+def hf_speed(hf_model, tokenizer, records: list[dict], max_new_tokens: int, output: OutputKind) -> dict:
     """The HF model's prompt and generation tokens/s on the same prompts, one at a time like llama.cpp."""
     n_prompt, n_gen, t_prompt, t_gen = 0, 0, 0.0, 0.0
     stops = stop_token_ids(tokenizer)
     for record in tqdm(records, desc="HF model speed", unit="prompt"):
-        enc = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False, return_tensors="pt")
+        enc = tokenizer(prompt_text(tokenizer, record["messages"], **output.template_kwargs()), add_special_tokens=False,
+                        return_tensors="pt")
         start = time.perf_counter()
         hf_model(**enc)
         t_prompt += time.perf_counter() - start
@@ -254,8 +260,9 @@ class _Evaluator:
         """make_llm(logits_all) -> a llama_cpp.Llama ready to run (for an adapter: with it applied)."""
         records, hf_outputs = self.records[:rows], self.reference[:rows]
         llm = make_llm(False)
-        run = generate_gguf(llm, self.tokenizer, records, self.spec.max_new_tokens, desc=f"{model} answers",
-                            grammars=grammars_for(self.spec.output, records))  # decoded as evaluated and served
+        output = self.spec.output.bind(self.tokenizer)
+        run = generate_gguf(llm, self.tokenizer, records, self.spec.max_new_tokens, output, desc=f"{model} answers",
+                            grammars=grammars_for(output, records))  # decoded as evaluated and served
         llm.close()
         llm = make_llm(True)
         parity = next_token_parity(self.parity, llm, desc=f"{model} next-token parity")
@@ -291,7 +298,8 @@ def run_export(task: str, params: Params) -> ExportResult:
     if cfg.imatrix_rows:
         start = time.perf_counter()
         train_rows = read_jsonl(processed_dir(task) / "train.jsonl")[: cfg.imatrix_rows]
-        imatrix = collect_imatrix(hf_model, tokenizer, train_rows, files["f16"], params.train.max_seq_len)
+        imatrix = collect_imatrix(hf_model, tokenizer, train_rows, files["f16"], params.train.max_seq_len,
+                                  spec.output.template_kwargs())
         imatrix_rows = len(train_rows)
         imatrix_seconds = time.perf_counter() - start
     for q in cfg.quantizations:
@@ -308,7 +316,7 @@ def run_export(task: str, params: Params) -> ExportResult:
     hf_outputs = [p["tuned_output"] for p in rows]
     primary = spec.primary_metric
     bandwidth = memory_bandwidth_gb_s()
-    speed = hf_speed(hf_model, tokenizer, records[:SPEED_PROMPTS], spec.max_new_tokens)
+    speed = hf_speed(hf_model, tokenizer, records[:SPEED_PROMPTS], spec.max_new_tokens, spec.output)
     merged_bytes = (merged / "model.safetensors").stat().st_size
     table = [{"model": "HF merged (fp32 safetensors)", "label": "hf", "file": str(merged / "model.safetensors"),
               "size_mb": merged_bytes / 1e6, primary: score_outputs(spec, records, hf_outputs)[primary],
@@ -316,7 +324,7 @@ def run_export(task: str, params: Params) -> ExportResult:
               "prompt_tok_s": speed["prompt_tokens_per_second"], "gen_tok_s": speed["generation_tokens_per_second"],
               "bandwidth_limit_tok_s": bandwidth * 1e9 / merged_bytes,
               "bandwidth_bound_fraction": speed["generation_tokens_per_second"] * merged_bytes / (bandwidth * 1e9)}]
-    parity = parity_reference(hf_model, tokenizer, records[: cfg.parity_rows])
+    parity = parity_reference(hf_model, tokenizer, records[: cfg.parity_rows], spec.output)
     evaluator = _Evaluator(parity, tokenizer, spec, cfg, records, hf_outputs, bandwidth)
     outputs: dict[str, list[str]] = {}
 

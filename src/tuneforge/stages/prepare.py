@@ -13,8 +13,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneforge.core.outputs import answer_problem, canonical_answer
-from tuneforge.core.params import OutputSpec, SplitSpec, TaskSpec
+from tuneforge.core.kinds import OutputKind
+from tuneforge.core.params import SplitSpec, TaskSpec
 from tuneforge.core.readers import Record, Rejected, read_repository_source
 from tuneforge.core.records import folded, normalise, write_jsonl
 
@@ -103,11 +103,13 @@ def prepare(task: TaskSpec, split: SplitSpec, root: Path, specials: Collection[s
         # one input to a model: two answers for it teach a coin toss. Answers are compared the same way, so JSON
         # values copied from a differently capitalised input ("MAIN ST" / "Main St") are no conflict. Punctuation
         # stays significant ("# 86" vs "& 86").
-        prompt_key = json.dumps([[m["role"], folded(m["content"])] for m in record.messages[:-1]])
-        if prompt_key in answer_for_input and folded(answer_for_input[prompt_key].answer) != folded(record.answer):
+        prompt_key = json.dumps([[m["role"], folded(m.get("content") or ""), m.get("tool_calls")]
+                                 for m in record.messages[:-1]])
+        answer = task.output.reference(record.to_json())
+        if prompt_key in answer_for_input and folded(task.output.reference(answer_for_input[prompt_key].to_json())) != folded(answer):
             first = answer_for_input[prompt_key]
             rejected.append(Rejected(file, int(line), f"same input as {first.source} (ignoring case, spacing and "
-                                     f"Unicode look-alikes) with a different answer", record.answer))
+                                     f"Unicode look-alikes) with a different answer", answer))
             continue
         answer_for_input.setdefault(prompt_key, record)
         by_id[record.id] = record
@@ -127,36 +129,20 @@ def record_problem(record: Record, task: TaskSpec, specials: Collection[str] = (
     problem = record.problem(specials)
     if problem:
         return problem, record.user_text
-    answers = record.answers
+    answers = task.output.answers(record.messages)
     for turn, answer in enumerate(answers, start=1):
-        problem = answer_problem(answer, task.output) or repeated_keys(answer, task)
+        problem = task.output.answer_problem(answer) or task.output.training_problem(answer)
         if problem:
             where = f"assistant turn {turn} of {len(answers)}: " if len(answers) > 1 else ""
             return where + problem, answer
     return "", ""
 
 
-def with_canonical_answers(record: Record, output: OutputSpec) -> Record:
-    """The valid record with every answer in the form decoding produces (outputs.canonical_answer); its id is that
-    content's, so answers that differ only in layout are exact duplicates."""
-    messages = [{**m, "content": canonical_answer(m["content"], output)} if m["role"] == "assistant" else m
-                for m in record.messages]
+def with_canonical_answers(record: Record, output: OutputKind) -> Record:
+    """The valid record with every answer in the form decoding produces (the kind's canonical_messages); its id is
+    that content's, so answers that differ only in layout are exact duplicates."""
+    messages = output.canonical_messages(record.messages)
     return record if messages == record.messages else Record(messages, record.source, given_id=record.given_id)
-
-
-def repeated_keys(answer: str, task: TaskSpec) -> str:
-    """json.loads keeps the last of two equal keys; the model would be trained on both."""
-    if task.output.kind != "json_object":
-        return ""
-    repeated: list[str] = []
-
-    def pairs(items: list[tuple[str, object]]) -> dict:
-        keys = [k for k, _ in items]
-        repeated.extend(sorted({k for k in keys if keys.count(k) > 1}))
-        return dict(items)
-
-    json.loads(answer, object_pairs_hook=pairs)  # answer_problem has already parsed it
-    return f"answer repeats key(s) {repeated}" if repeated else ""
 
 
 def write_prepared(prepared: Prepared, out_dir: Path, quarantine: Path) -> dict:

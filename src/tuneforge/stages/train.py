@@ -445,8 +445,10 @@ def setup(task: str, params: Params) -> Run:
 
     tokenizer = load_tokenizer(base_model_dir())
     data = processed_dir(task)
-    train_examples = render_records(tokenizer, read_jsonl(data / "train.jsonl"), spec.max_seq_len)
-    eval_examples = render_records(tokenizer, read_jsonl(data / "validation.jsonl")[: spec.eval_rows], spec.max_seq_len)
+    template_kwargs = params.tasks[task].output.template_kwargs()  # e.g. tools=: rendered as the base's template does
+    train_examples = render_records(tokenizer, read_jsonl(data / "train.jsonl"), spec.max_seq_len, **template_kwargs)
+    eval_examples = render_records(tokenizer, read_jsonl(data / "validation.jsonl")[: spec.eval_rows], spec.max_seq_len,
+                                   **template_kwargs)
     validation = eval_batches(eval_examples, spec, tokenizer.pad_token_id)
     # Rows are packed once; one DataLoader item is one optimizer step on one process (grad_accum micro-batches).
     loader = step_loader(train_examples, spec, tokenizer.pad_token_id)

@@ -9,16 +9,23 @@ from __future__ import annotations
 
 from typing import Annotated, Union, get_args
 
-from pydantic import Field
+from pydantic import Field, TypeAdapter
 
 from tuneforge.core.kinds.base import INVALID, OutputKind
+from tuneforge.core.kinds.chat import ChatOutput
 from tuneforge.core.kinds.json_object import JsonObjectOutput
 from tuneforge.core.kinds.label import LabelOutput
+from tuneforge.core.kinds.text import TextOutput
 
-_CLASSES = (LabelOutput, JsonObjectOutput)
+_CLASSES = (LabelOutput, JsonObjectOutput, TextOutput, ChatOutput)
 
 KINDS: dict[str, type[OutputKind]] = {get_args(cls.model_fields["kind"].annotation)[0]: cls for cls in _CLASSES}
 
 OutputSpec = Annotated[Union[_CLASSES], Field(discriminator="kind")]  # noqa: UP007 (a tuple of classes)
 
-__all__ = ["INVALID", "KINDS", "OutputKind", "OutputSpec"]
+__all__ = ["INVALID", "KINDS", "OutputKind", "OutputSpec", "output_spec"]
+
+
+def output_spec(**fields) -> OutputKind:
+    """An output block from its fields, as params.yaml's `output:` is read: the kind's class, validated."""
+    return TypeAdapter(OutputSpec).validate_python(fields)

@@ -84,6 +84,11 @@ class OutputKind(Strict):
         return [{**m, "content": self.canonical_answer(m["content"])} if m["role"] == "assistant" else m
                 for m in messages]
 
+    def bind(self, tokenizer) -> OutputKind:
+        """This kind for one tokenizer: a kind whose grammar or parsing depends on how the model's chat template
+        writes answers (tool_call) learns it here; stages bind before generating or parsing."""
+        return self
+
     def template_kwargs(self) -> dict:
         """Extra arguments of the chat template (tool_call: tools=)."""
         return {}
@@ -92,11 +97,19 @@ class OutputKind(Strict):
         """The answer string of a model's generated text (decoded, special tokens skipped)."""
         return text
 
+    def describe(self) -> str:
+        """What an answer is, in Markdown for the model card: "answered with <this>"."""
+        raise NotImplementedError
+
     # --- the answer contract ---
 
     def answer_problem(self, answer: str) -> str:
         """Why an answer does not fit this kind, or '' when it does: the one validity rule."""
         raise NotImplementedError
+
+    def training_problem(self, answer: str) -> str:
+        """What a training answer must satisfy beyond answer_problem (prepare asks both), or ''."""
+        return ""
 
     def canonical_answer(self, answer: str) -> str:
         """A valid answer in the one form decoding produces, so that training teaches that form."""

@@ -101,6 +101,10 @@ class JsonObjectOutput(OutputKind):
         distinct_names("output.allowed_keys", self.allowed_keys)
         return self
 
+    def describe(self) -> str:
+        copied = ", each value copied from the input" if self.extractive else ""
+        return "a JSON object whose keys are among `" + "`, `".join(self.allowed_keys) + f"`{copied}."
+
     def answer_problem(self, answer: str) -> str:
         obj, problem = strict_json(answer)
         if problem:
@@ -112,9 +116,14 @@ class JsonObjectOutput(OutputKind):
             return f"answer uses keys outside output.allowed_keys: {extra}"
         if not all(isinstance(v, str) for v in obj.values()):
             return "answer values must be strings"
-        if repeated := repeated_keys(answer):
-            return f"answer repeats key(s) {repeated}"
         return ""
+
+    def training_problem(self, answer: str) -> str:
+        """json.loads keeps the last of two equal keys; the model would be trained on both. (The grammar cannot
+        forbid a repeat cheaply, so a generated answer that repeats a key stays valid and is read as json.loads
+        reads it.)"""
+        repeated = repeated_keys(answer)
+        return f"answer repeats key(s) {repeated}" if repeated else ""
 
     def canonical_answer(self, answer: str) -> str:
         """json.dumps' default form, as the grammar allows it (no whitespace around the object): an answer wrapped

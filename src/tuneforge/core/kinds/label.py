@@ -38,6 +38,9 @@ class LabelOutput(OutputKind):
         distinct_names("output.labels", self.labels)
         return self
 
+    def describe(self) -> str:
+        return "exactly one of the labels `" + "`, `".join(self.labels) + "`."
+
     def answer_problem(self, answer: str) -> str:
         return "" if answer in self.labels else f"unknown label {answer!r} (allowed: {self.labels})"
 
