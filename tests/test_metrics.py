@@ -8,21 +8,18 @@ matplotlib.use("Agg")  # before pyplot is imported anywhere: tests never open a 
 
 import matplotlib.pyplot as plt
 import pytest
+from pydantic import ValidationError
 
-from tuneforge.core.metrics import (
-    INVALID,
-    confusion_figure,
-    error_kind,
-    example_score,
-    parse_object,
-    score,
-)
+from tuneforge.core.kinds import INVALID, output_spec
+from tuneforge.core.kinds.json_answers import parse_object
+from tuneforge.core.metrics import confusion_figure
 
 KEYS = ["AddressNumber", "StreetName", "StreetNamePostType", "PlaceName"]
 INPUT = "123 Main St Springfield"
 REF = '{"AddressNumber": "123", "StreetName": "Main", "StreetNamePostType": "St"}'
 LABELS = ["spam", "ham"]
-JSON_KW = {"allowed_keys": KEYS}
+JSON = output_spec(kind="json_object", allowed_keys=KEYS)
+LABEL = output_spec(kind="label", labels=LABELS)
 
 # One example of each case; every reference is REF (3 pairs) and every input is INPUT.
 CASES = {
@@ -44,13 +41,15 @@ CASES = {
 
 def score_json(predictions):
     n = len(predictions)
-    return score("json_object", predictions, [REF] * n, [INPUT] * n, **JSON_KW)
+    return JSON.score([INPUT] * n, [REF] * n, predictions)
 
 
 def test_perfect_json_answers_score_one():
     s = score_json([CASES["perfect"], CASES["fenced"], REF])
     assert s == {
-        "n": 3, "valid_json": 1.0, "allowed_keys_only": 1.0, "exact_match": 1.0,
+        # valid_answer is the strict contract (answer_problem): 123 is no string and a fence is no bare object,
+        # so only REF itself is a valid answer; scoring reads all three leniently.
+        "n": 3, "valid_answer": 1 / 3, "valid_json": 1.0, "allowed_keys_only": 1.0, "exact_match": 1.0,
         "micro_precision": 1.0, "micro_recall": 1.0, "micro_f1": 1.0, "hallucination_rate": 0.0,
         "per_key": {
             "AddressNumber": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 3},
@@ -116,13 +115,13 @@ def test_mixed_json_answers_aggregate_by_hand():
 ])
 def test_json_error_kind_and_example_score(case, kind, value):
     prediction = CASES[case]
-    assert error_kind("json_object", prediction, REF, INPUT, **JSON_KW) == kind
-    assert example_score("json_object", prediction, REF, INPUT, **JSON_KW) == pytest.approx(value)
+    assert JSON.error_kind(prediction, REF, INPUT) == kind
+    assert JSON.example_score(prediction, REF, INPUT) == pytest.approx(value)
 
 
 def test_json_error_kind_edge_cases():
     def kind(prediction):
-        return error_kind("json_object", prediction, REF, INPUT, **JSON_KW)
+        return JSON.error_kind(prediction, REF, INPUT)
 
     assert kind(" \n\t") == "empty output"
     assert kind('"123 Main St"') == "not a JSON object"
@@ -134,21 +133,21 @@ def test_json_error_kind_edge_cases():
 
 
 def test_hallucination_check_ignores_case_and_whitespace():
-    s = score("json_object", ['{"StreetName": "main   ST", "PlaceName": "springfield"}'],
-              ['{"StreetName": "Main St", "PlaceName": "Springfield"}'], ["123  Main St\nSpringfield"], **JSON_KW)
+    s = JSON.score(["123  Main St\nSpringfield"], ['{"StreetName": "Main St", "PlaceName": "Springfield"}'],
+                   ['{"StreetName": "main   ST", "PlaceName": "springfield"}'])
     assert s["hallucination_rate"] == 0.0
     assert s["exact_match"] == 0.0  # values themselves compare case-sensitively
 
 
 def test_empty_json_object_matching_empty_reference_is_right():
-    assert example_score("json_object", "{}", "{}", INPUT, **JSON_KW) == 1.0
-    assert error_kind("json_object", "{}", "{}", INPUT, **JSON_KW) == "ok"
+    assert JSON.example_score("{}", "{}", INPUT) == 1.0
+    assert JSON.error_kind("{}", "{}", INPUT) == "ok"
 
 
 def test_labels_are_exact_case_sensitive_and_whitespace_tolerant():
     predictions = ["spam", "  ham\n", "Spam", "eggs", "", "ham", "spam"]
     references = ["spam", "ham", "spam", "ham", "ham", "spam", "spam"]
-    s = score("label", predictions, references, [""] * 7, labels=LABELS)
+    s = LABEL.score([""] * 7, references, predictions)
     assert s["n"] == 7
     assert s["valid_label"] == pytest.approx(4 / 7)  # "Spam", "eggs" and "" are no allowed label
     assert s["accuracy"] == pytest.approx(3 / 7)
@@ -166,7 +165,7 @@ def test_labels_are_exact_case_sensitive_and_whitespace_tolerant():
 
 
 def test_macro_f1_by_hand_with_a_label_never_predicted():
-    s = score("label", ["a", "a", "b", "a"], ["a", "b", "c", "a"], [""] * 4, labels=["a", "b", "c"])
+    s = output_spec(kind="label", labels=["a", "b", "c"]).score([""] * 4, ["a", "b", "c", "a"], ["a", "a", "b", "a"])
     # a: P 2/3, R 2/2 -> F1 0.8; b: P 0/1 -> 0; c: never predicted -> 0
     assert s["macro_f1"] == pytest.approx(0.8 / 3)
     assert s["accuracy"] == 0.5
@@ -183,30 +182,28 @@ def test_macro_f1_by_hand_with_a_label_never_predicted():
     ("  ", "spam", "empty output", 0.0),
 ])
 def test_label_error_kind_and_example_score(prediction, reference, kind, value):
-    assert error_kind("label", prediction, reference, "", labels=LABELS) == kind
-    assert example_score("label", prediction, reference, "", labels=LABELS) == value
+    assert LABEL.error_kind(prediction, reference, "") == kind
+    assert LABEL.example_score(prediction, reference, "") == value
 
 
 def test_empty_batches_score_zero():
     assert score_json([])["valid_json"] == 0.0
-    assert score("label", [], [], [], labels=LABELS)["macro_f1"] == 0.0
+    assert LABEL.score([], [], [])["macro_f1"] == 0.0
 
 
 def test_bad_calls_are_errors():
-    with pytest.raises(ValueError, match="unknown output kind"):
-        score("regression", [], [], [])
-    with pytest.raises(ValueError, match="unknown output kind"):
-        error_kind("regression", "x", "x", "x")
+    with pytest.raises(ValidationError, match="regression"):  # an unknown kind fails when its spec is built
+        output_spec(kind="regression")
     with pytest.raises(ValueError):  # lengths differ
-        score("json_object", [REF, REF], [REF], [INPUT], **JSON_KW)
+        JSON.score([INPUT], [REF], [REF, REF])
     with pytest.raises(ValueError, match="reference is not a JSON object"):
-        score("json_object", [REF], ["[1]"], [INPUT], **JSON_KW)
+        JSON.score([INPUT], ["[1]"], [REF])
     with pytest.raises(ValueError, match="outside the allowed labels"):
-        score("label", ["spam"], ["Spam"], [""], labels=LABELS)
+        LABEL.score([""], ["Spam"], ["spam"])
 
 
 def test_confusion_figure_builds():
-    s = score("label", ["spam", "ham", "Spam"], ["spam", "spam", "ham"], [""] * 3, labels=LABELS)
+    s = LABEL.score([""] * 3, ["spam", "spam", "ham"], ["spam", "ham", "Spam"])
     fig = confusion_figure(s["confusion"], title="tuned model")
     try:
         ax = fig.axes[0]
@@ -221,7 +218,7 @@ def test_confusion_figure_builds():
 
 def test_one_definition_of_a_valid_answer_for_evaluation_and_drift(repo_root):
     """Evaluation's valid_answer rate and drift's valid/invalid column come from the same contract
-    (outputs.answer_problem): a fenced answer or one with keys outside the schema is scored but not valid."""
+    (the kind's answer_problem): a fenced answer or one with keys outside the schema is scored but not valid."""
     import pandas as pd
 
     from tuneforge.core.metrics import score_outputs
