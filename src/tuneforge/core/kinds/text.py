@@ -47,6 +47,13 @@ def _rouge():
     return RougeScorer(["rougeL"])
 
 
+def _sentence_stats(metric, hyps: list[str], refs: list[str]) -> np.ndarray:
+    """sacrebleu's per-sentence statistics, (rows, k): counts whose sums give the corpus score."""
+    width = len(metric()._extract_corpus_statistics(["x"], [["x"]])[0])  # known even with no rows to score
+    stats = metric()._extract_corpus_statistics(hyps, [refs]) if hyps else []
+    return np.asarray(stats, dtype=np.int32).reshape(len(hyps), width)
+
+
 def _corpus(metric, key: str) -> FromTotals:
     """A sacrebleu metric of each resample's summed sentence statistics (row_counts' `key`), on [0, 1]."""
     return lambda t: np.asarray([metric()._compute_score_from_stats(stats).score / 100 for stats in t[key]])
@@ -220,10 +227,10 @@ class TextOutput(OutputKind):
     # --- scoring ---
 
     def row_counts(self, inputs, references, outputs) -> dict[str, np.ndarray]:
-        hyps, refs = list(outputs), [list(references)]
+        hyps, refs = list(outputs), list(references)
         return {
-            "chrf_stats": np.asarray(_chrf()._extract_corpus_statistics(hyps, refs), dtype=np.int64),
-            "bleu_stats": np.asarray(_bleu()._extract_corpus_statistics(hyps, refs), dtype=np.int64),
+            "chrf_stats": _sentence_stats(_chrf, hyps, refs),
+            "bleu_stats": _sentence_stats(_bleu, hyps, refs),
             "rouge_l": np.asarray([_rouge().score(r, o)["rougeL"].fmeasure
                                    for o, r in zip(outputs, references, strict=True)], dtype=float),
             "exact": np.asarray([collapse(o) == collapse(r) for o, r in zip(outputs, references, strict=True)],
