@@ -14,10 +14,11 @@ from pydantic import Field, TypeAdapter
 from tuneforge.core.kinds.base import INVALID, OutputKind
 from tuneforge.core.kinds.chat import ChatOutput
 from tuneforge.core.kinds.json_object import JsonObjectOutput
+from tuneforge.core.kinds.json_schema import JsonSchemaOutput
 from tuneforge.core.kinds.label import LabelOutput
 from tuneforge.core.kinds.text import TextOutput
 
-_CLASSES = (LabelOutput, JsonObjectOutput, TextOutput, ChatOutput)
+_CLASSES = (LabelOutput, JsonObjectOutput, JsonSchemaOutput, TextOutput, ChatOutput)
 
 KINDS: dict[str, type[OutputKind]] = {get_args(cls.model_fields["kind"].annotation)[0]: cls for cls in _CLASSES}
 
