@@ -5,6 +5,10 @@ the generation prompt (exactly what the model sees at inference) and the turn
 itself; the tokens in between are the answer. The answer's end-of-turn token is
 trained too, so the model learns to stop; whatever the template adds after it
 (ChatML's newline) is not.
+
+An assistant turn may be a tool call (OpenAI's `tool_calls`, content empty): the template writes the call in its
+own wire format (Qwen2.5's <tool_call> tags, Llama 3.1's bare JSON), and that whole span is the answer. Extra
+template arguments (`tools=`) go to every render of one conversation alike.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ class Rendered:
         return sum(label != IGNORE for label in self.labels)
 
 
-def prompt_text(tokenizer, messages: list[dict[str, str]]) -> str:
+def prompt_text(tokenizer, messages: list[dict], **template_kwargs) -> str:
     """The text the model is given at inference: every turn but the last answer, then the generation prompt."""
-    return tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True, **template_kwargs)
 
 
 def end_of_turn(tokenizer) -> str:
@@ -72,7 +76,25 @@ def tokens_after(tokenizer, text: str, ids: list[int], piece: str) -> list[int]:
     return tokenizer(piece, add_special_tokens=False)["input_ids"]
 
 
-def render(tokenizer, messages: list[dict[str, str]]) -> Rendered:
+def assistant_turn(tokenizer, messages: list[dict], eot: str, **template_kwargs) -> tuple[str, str, str]:
+    """(the conversation before messages[-1] with the generation prompt, the answer through its end-of-turn token,
+    what the template adds after that), for messages[-1] an assistant turn.
+
+    The answer is found after the answer's own content, so a plain answer that quotes the end-of-turn text is not
+    cut short; a tool-call turn has no content, and its whole span up to the end of the turn is the answer.
+    """
+    before = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True,
+                                           **template_kwargs)
+    through = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
+    if not through.startswith(before):
+        raise ValueError("the chat template does not render turns as a growing prefix; cannot mask the loss")
+    answer_and_tail = through[len(before):]
+    cut = answer_and_tail.find(eot, len(messages[-1].get("content") or ""))
+    answer = answer_and_tail if cut < 0 else answer_and_tail[: cut + len(eot)]
+    return before, answer, answer_and_tail[len(answer):]
+
+
+def render(tokenizer, messages: list[dict], **template_kwargs) -> Rendered:
     input_ids: list[int] = []
     labels: list[int] = []
     done = ""  # text already turned into tokens
@@ -80,20 +102,46 @@ def render(tokenizer, messages: list[dict[str, str]]) -> Rendered:
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (before.startswith(done) and through.startswith(before)):
+        before, answer, tail = assistant_turn(tokenizer, messages[: i + 1], eot, **template_kwargs)
+        if not before.startswith(done):
             raise ValueError("the chat template does not render turns as a growing prefix; cannot mask the loss")
-        answer_and_tail = through[len(before):]
-        cut = answer_and_tail.find(eot, len(message["content"]))
-        answer = answer_and_tail if cut < 0 else answer_and_tail[: cut + len(eot)]
-        tail = answer_and_tail[len(answer):]
         for text, trained in ((before[len(done):], False), (answer, True), (tail, False)):
             ids = tokens_after(tokenizer, done, input_ids, text)
             input_ids += ids
             labels += ids if trained else [IGNORE] * len(ids)
             done += text
     return Rendered(input_ids, labels)
+
+
+# A tool and a call to it that no real task declares: what the template makes of them shows how it writes tools.
+PROBE_TOOL = {"type": "function", "function": {
+    "name": "__probe__", "description": "A probe.",
+    "parameters": {"type": "object", "properties": {"__arg__": {"type": "string"}}, "required": ["__arg__"]}}}
+PROBE_ARGUMENTS = {"__arg__": "__value__"}
+
+
+def probe_call(arguments: dict = PROBE_ARGUMENTS) -> dict:
+    return {"type": "function", "function": {"name": "__probe__", "arguments": arguments}}
+
+
+def template_renders_tools(tokenizer) -> str:
+    """Why the tokenizer's chat template cannot serve a tool_call task, or "": it must put `tools=` in the prompt
+    and write an assistant turn's tool_calls. A template that ignores them (SmolLM2's) would train on prompts
+    without the tools and answers without the calls."""
+    messages = [{"role": "user", "content": "ping"},
+                {"role": "assistant", "content": "", "tool_calls": [probe_call()]}]
+    advice = ("; choose a base whose template does, e.g. Qwen2.5-Instruct or Llama-3.1-Instruct, or set a "
+              "chat_template that does")
+    try:
+        before, answer, _ = assistant_turn(tokenizer, messages, end_of_turn(tokenizer), tools=[PROBE_TOOL])
+    except Exception as err:  # jinja raises whatever the template's author chose (TemplateError, TypeError, ...)
+        return f"the base model's chat template fails on a tool call ({type(err).__name__}: {err}){advice}"
+    if "__probe__" not in before:
+        return ("the base model's chat template does not render tools= (the tool definitions never reach the "
+                f"prompt){advice}")
+    if "__value__" not in answer:
+        return f"the base model's chat template does not write an assistant turn's tool_calls{advice}"
+    return ""
 
 
 def special_tokens_in(text: str, specials) -> list[str]:

@@ -21,12 +21,15 @@ from pathlib import Path
 from tuneforge.core.chat import special_tokens_in
 from tuneforge.core.params import TaskSpec
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
 class Record:
-    messages: list[dict[str, str]]
+    """A conversation in OpenAI's chat format: {"role", "content"} messages; an assistant turn may instead hold
+    "tool_calls" (content "") and is then followed by one "tool" message for each call, holding its result."""
+
+    messages: list[dict]
     source: str  # "file:line"
     id: str = ""
     given_id: object = None  # the id the raw row carried, any JSON value (1 and "1" differ), checked for duplicates
@@ -58,10 +61,10 @@ class Record:
         specials: the base model's special-token strings (chat.special_token_strings); a message holding one would
         render as the chat template's turn markers, so a user turn could forge a system turn or an answer."""
         roles = [m["role"] for m in self.messages]
-        if not all(_is_utf8(m["content"]) for m in self.messages):
+        if not all(_is_utf8(text) for m in self.messages for text in _texts(m)):
             return "a message holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)"
         for m in self.messages:
-            if found := special_tokens_in(m["content"], specials):
+            if found := special_tokens_in("\n".join(_texts(m)), specials):
                 return (f"chat-template special token(s) in the {m['role']} message: {found} would render as turn "
                         "markers, forging turns the data does not have")
         if "system" in roles[1:]:
@@ -70,11 +73,13 @@ class Record:
             return "no user message"
         if any(not m["content"].strip() for m in self.messages if m["role"] == "user"):
             return "empty input (a user message is blank)"
+        if problem := _tool_turns_problem(self.messages):
+            return problem
         turns = roles[1:] if roles[0] == "system" else roles
         if turns[0] != "user":
             return "the conversation opens with an assistant turn: after an optional system prompt, the user speaks first"
         for previous, current in zip(turns, turns[1:]):
-            if previous == current:
+            if previous == current != "tool":  # several tool results answer several calls of one turn
                 # chat.render trains every assistant turn: a second one in a row is an answer to no question
                 return f"two {current} turns in a row: after an optional system prompt, turns must alternate user, assistant"
         return ""
@@ -96,9 +101,60 @@ class Rejected:
         return {"file": self.file, "line": self.line, "reason": self.reason, "raw": raw}
 
 
-def content_id(messages: list[dict[str, str]]) -> str:
+def _texts(message: dict) -> list[str]:
+    """The message's text as the template may render it: its content and its tool calls as JSON."""
+    return [message["content"], *(json.dumps(call, ensure_ascii=False) for call in message.get("tool_calls", []))]
+
+
+def _tool_turns_problem(messages: list[dict]) -> str:
+    """Why the conversation's tool calls and results do not fit together, or ''. Each call is a function call
+    object; each tool result answers a call; a turn's calls get one result each, unless it is the final answer."""
+    for k, m in enumerate(messages):
+        calls = m.get("tool_calls", [])
+        for j, call in enumerate(calls):
+            if not isinstance(call, dict):
+                return f"tool_calls[{j}] of the assistant message at position {k} is not an object"
+            function = call.get("function")
+            if (call.get("type", "function") != "function" or not isinstance(function, dict)
+                    or not isinstance(function.get("name"), str)
+                    or not isinstance(function.get("arguments"), (str, dict))):
+                return (f"tool_calls[{j}] of the assistant message at position {k} must be "
+                        '{"type": "function", "function": {"name": <string>, "arguments": <JSON object or its text>}}')
+        answers_a_call = k and (messages[k - 1]["role"] == "tool" or messages[k - 1].get("tool_calls"))
+        if m["role"] == "tool" and not answers_a_call:
+            return (f"tool message at position {k} answers no tool call: a tool result must follow an assistant turn "
+                    "with tool_calls, or another tool result")
+        if calls and k < len(messages) - 1:
+            results = next((n for n, later in enumerate(messages[k + 1:]) if later["role"] != "tool"),
+                           len(messages) - k - 1)
+            if results != len(calls):
+                return (f"the assistant turn at position {k} makes {len(calls)} tool call(s) but {results} tool "
+                        "result(s) follow it: each call gets its result before the conversation goes on")
+    if messages[-1]["role"] != "assistant":
+        return "the conversation must end with an assistant turn: the answer trained on"
+    return ""
+
+
+def _call_content(call: object) -> object:
+    """A tool call as content: its function's name and arguments (JSON text decoded); the call's id is a label
+    that differs between two runs of one conversation."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return call
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    return [function.get("name"), arguments]
+
+
+def content_id(messages: list[dict]) -> str:
     """Stable id: the hash of the conversation's content, independent of file order."""
-    canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+    rows = [[m["role"], m["content"], *([[_call_content(c) for c in m["tool_calls"]]] if "tool_calls" in m else [])]
+            for m in messages]
+    canonical = json.dumps(rows, ensure_ascii=False, sort_keys=True)
     # surrogatepass: a record with a lone surrogate still gets an id (prepare then quarantines it)
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
@@ -199,17 +255,42 @@ def _read_jsonl_records(path: Path, rel: str, to_messages) -> Iterator[Record | 
         yield Record(messages, f"{rel}:{number}", given_id=obj.get("id"))
 
 
+def _chat_message(m: object) -> tuple[dict, str]:
+    """One chat_jsonl message as a record keeps it, or ({}, why not). An assistant turn that calls tools may have
+    null or no content (OpenAI's form): it is kept as "", as every message's content is a string; an empty
+    tool_calls list is no call."""
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        return {}, f"needs a role in {ROLES} and a string content"
+    calls = m.get("tool_calls") or None
+    if calls is not None and m["role"] != "assistant":
+        return {}, "holds tool_calls: only an assistant message may call tools"
+    if calls is not None and not isinstance(calls, list):
+        return {}, "tool_calls must be a list of calls"
+    content = "" if calls is not None and m.get("content") is None else m.get("content")
+    if not isinstance(content, str):
+        return {}, f"needs a role in {ROLES} and a string content"
+    message = {"role": m["role"], "content": content}
+    if calls is not None:
+        message["tool_calls"] = calls
+    if m["role"] == "tool":  # the call a result answers, as templates that show it read it
+        message |= {key: m[key] for key in ("tool_call_id", "name") if isinstance(m.get(key), str)}
+    return message, ""
+
+
 def read_chat_jsonl(path: Path, rel: str, task: TaskSpec) -> Iterator[Record | Rejected]:
-    def to_messages(obj: dict) -> tuple[list[dict[str, str]], str]:
+    def to_messages(obj: dict) -> tuple[list[dict], str]:
         messages = obj.get("messages")
         if not isinstance(messages, list) or not messages:
             return [], "field 'messages' must be a non-empty list"
+        kept = []
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                return [], f"messages[{i}] needs a role in {ROLES} and a string content"
+            message, problem = _chat_message(m)
+            if problem:
+                return [], f"messages[{i}] {problem}"
+            kept.append(message)
+        messages = kept
         if messages[-1]["role"] != "assistant":
             return [], "the last message must be the assistant's answer"
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         if task.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": task.system_prompt})
         return messages, ""

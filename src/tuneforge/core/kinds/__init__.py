@@ -17,8 +17,9 @@ from tuneforge.core.kinds.json_object import JsonObjectOutput
 from tuneforge.core.kinds.json_schema import JsonSchemaOutput
 from tuneforge.core.kinds.label import LabelOutput
 from tuneforge.core.kinds.text import TextOutput
+from tuneforge.core.kinds.tool_call import ToolCallOutput
 
-_CLASSES = (LabelOutput, JsonObjectOutput, JsonSchemaOutput, TextOutput, ChatOutput)
+_CLASSES = (LabelOutput, JsonObjectOutput, JsonSchemaOutput, TextOutput, ChatOutput, ToolCallOutput)
 
 KINDS: dict[str, type[OutputKind]] = {get_args(cls.model_fields["kind"].annotation)[0]: cls for cls in _CLASSES}
 
