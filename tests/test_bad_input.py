@@ -234,7 +234,7 @@ def test_params_still_accept_yaml_booleans_and_the_shipped_file(tmp_path, repo_r
     path.write_text("model: {trust_remote_code: true}\ntrain: {packing: no}\ntasks:\n" + TASK)
     params = load_params(path)
     assert params.model.trust_remote_code is True and params.train.packing is False
-    assert set(load_params(repo_root / "params.yaml").tasks) == {"address_json", "sms_spam"}
+    assert set(load_params(repo_root / "params.yaml").tasks) == {"address_json", "sms_spam", "email_subject"}
 
 
 # 13. A directory as source raised IsADirectoryError.

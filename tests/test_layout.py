@@ -82,6 +82,6 @@ def test_bytecode_is_not_a_code_dependency():
 
 
 def test_relative_imports_resolve_against_the_modules_package():
-    """`from .outputs import x` in tuneforge/core/metrics.py is tuneforge.core.outputs (not a submodule of metrics)."""
-    assert "tuneforge.core.outputs" in imported_modules("from .outputs import answer_problem", "tuneforge.core")
+    """`from .records import x` in tuneforge/core/metrics.py is tuneforge.core.records (not a submodule of metrics)."""
+    assert "tuneforge.core.records" in imported_modules("from .records import read_jsonl", "tuneforge.core")
     assert "tuneforge.core" in imported_modules("from .. import core", "tuneforge.stages")

@@ -26,13 +26,24 @@ from pydantic import (
 )
 
 from tuneforge.core.fields import Strict
-from tuneforge.core.kinds import OutputSpec
+from tuneforge.core.kinds import KINDS, OutputSpec
 from tuneforge.core.paths import repo_root
 
 EMBEDDED_BASE = "smollm2-135m-instruct"
 
 
 READERS = ("chat_jsonl", "alpaca_jsonl", "prompt_completion_jsonl", "csv", "usaddress_xml", "sms_spam_lines")
+
+
+def error_location(loc: tuple) -> str:
+    """A validation error's location as the setting's path in params.yaml: pydantic puts the output kind's name
+    (the union's tag) after `output`, which the file does not have."""
+    parts = [str(p) for p in loc]
+    for i in range(1, len(parts)):
+        if parts[i - 1] == "output" and parts[i] in KINDS:
+            del parts[i]
+            break
+    return ".".join(parts)
 
 
 class TaskSpec(Strict):
@@ -399,7 +410,7 @@ class Params(Strict):
             return Params.model_validate(raw)
         except ValidationError as err:
             raise ParamsError(f"settings {settings}: " + "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())) from None
+                f"{error_location(e['loc'])}: {e['msg']}" for e in err.errors())) from None
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -508,7 +519,7 @@ def load_params_text(text: str, path: Path) -> Params:
     except ValidationError as err:
         lines = [f"{path}: invalid settings"]
         for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"])
+            where = error_location(e["loc"])
             lines.append(f"  {where}: {e['msg']}")
         raise ParamsError("\n".join(lines)) from None
 
