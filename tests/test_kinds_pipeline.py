@@ -52,7 +52,8 @@ TASKS = {
                       {"data/raw/conversations/records.jsonl": DATA / "chat_task" / "records.jsonl"}),
 }
 SETTINGS = {
-    "train": {"max_seq_len": 256, "batch_size": 2, "max_steps": 2, "eval_every": 2, "eval_rows": 4,
+    "train": {"max_seq_len": 640, "batch_size": 2, "max_steps": 2,  # the tools alone take ~400 tokens of a prompt
+              "eval_every": 2, "eval_rows": 4,
               "checkpoint_every": 10, "early_stopping_patience": 10, "task_overrides": {},
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}},
     "evaluate": {"batch_size": 4, "slices": ["input_length"]},
@@ -82,14 +83,18 @@ def qwen2(tmp_path_factory):
 
 
 def project(root, task: str, base, monkeypatch):
-    """A project folder with the one task, tiny settings, its raw files and model.base = base."""
+    """A project folder with the one task, tiny settings, its raw files, model.base = base and a chat template that
+    renders tools (Qwen2.5-Instruct's)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     task_params, files = TASKS[task]
+    root.mkdir(parents=True, exist_ok=True)
     params["model"]["base"] = str(base)
+    # The vocabulary GGUF's ChatML template ignores tools=; Qwen2.5-Instruct's real one renders them.
+    params["model"]["chat_template"] = "qwen2.5-instruct.jinja"
+    shutil.copy2(DATA / "chat_templates" / "qwen2.5-instruct.jinja", root / "qwen2.5-instruct.jinja")
     params["tasks"] = {task: {**task_params, "max_new_tokens": 24}}
     for section, values in SETTINGS.items():
         params[section].update(values)
-    root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "dvc.yaml").write_text("stages: {}\n")
     (root / "vendor").symlink_to(ROOT / "vendor")
@@ -106,7 +111,7 @@ def test_a_task_of_each_kind_goes_through_every_stage(task, qwen2, tmp_path, mon
     params = project(root, task, qwen2, monkeypatch)
     spec = params.task(task)
 
-    save_base_model(params.model, base_model_dir())
+    save_base_model(params.model, base_model_dir(), params.tasks)
     tokenizer = load_tokenizer(base_model_dir())
     output = spec.output.bind(tokenizer)
 
@@ -149,3 +154,18 @@ def test_a_task_of_each_kind_goes_through_every_stage(task, qwen2, tmp_path, mon
     outcome = drift.run_drift(reference, current, params.drift)
     assert set(current["output_valid"].dropna()) <= {"valid", "invalid"}
     assert outcome.snapshot is not None and isinstance(outcome.retrain, bool)  # Evidently judged the traffic
+
+
+def test_a_tool_call_task_on_a_base_whose_template_cannot_render_tools_fails_at_base_model(tmp_path, monkeypatch):
+    """The embedded SmolLM2's template ignores tools=: refused before any weights load, naming the task and a way out."""
+    from tuneforge.core.params import ModelSpec
+
+    monkeypatch.setenv("TUNEFORGE_ROOT", str(ROOT))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tasks"] = {"assistant": {**TASKS["assistant"][0], "source": "tests/data/tool_call_task/records.jsonl"}}
+    params["train"]["task_overrides"] = {}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    tasks = load_params(tmp_path / "params.yaml").tasks
+    with pytest.raises(ValueError, match=r"task assistant: the base model's chat template does not render tools="):
+        save_base_model(ModelSpec(), tmp_path / "base", tasks)
+    assert not (tmp_path / "base").exists()

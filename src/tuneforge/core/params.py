@@ -96,6 +96,15 @@ class TaskSpec(Strict):
 class ModelSpec(Strict):
     base: str = Field(EMBEDDED_BASE, description="'smollm2-135m-instruct', a local HF folder or a hub id")
     trust_remote_code: StrictBool = False  # StrictBool: a quoted "yes" or "false" must not turn into a bool
+    chat_template: str = Field("", description="optional Jinja chat template file (relative to the repository root) "
+                               "that replaces the base's own, e.g. one that renders tools= for a tool_call task")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file_exists(cls, path: str) -> str:
+        if path and not (repo_root() / path).is_file():
+            raise ValueError(f"{path!r} is not a file under the repository root")
+        return path
 
 
 # NumPy's seeds (transformers' set_seed seeds it too) are 0 .. 2**32 - 1.

@@ -74,15 +74,15 @@ def exact_leakage(texts: dict[str, list[str]]) -> list[tuple[str, str, str]]:
     return found
 
 
-def token_lengths(tokenizer, records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(total tokens, trained tokens) per record, with the real chat template."""
-    rendered = [render(tokenizer, r["messages"]) for r in records]
+def token_lengths(tokenizer, records: list[dict], **template_kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """(total tokens, trained tokens) per record, with the real chat template (and the output kind's arguments)."""
+    rendered = [render(tokenizer, r["messages"], **template_kwargs) for r in records]
     return (np.array([len(r.input_ids) for r in rendered]), np.array([r.trained_tokens for r in rendered]))
 
 
-def loss_mask_html(tokenizer, messages: list[dict[str, str]]) -> str:
+def loss_mask_html(tokenizer, messages: list[dict[str, str]], **template_kwargs) -> str:
     """The rendered example with trained tokens highlighted, for the audit report."""
-    r = render(tokenizer, messages)
+    r = render(tokenizer, messages, **template_kwargs)
     spans = []
     for token_id, label in zip(r.input_ids, r.labels):
         text = tokenizer.decode([token_id]).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -142,7 +142,7 @@ def run_audit(splits: dict[str, list[dict]], quarantine: list[dict], prepare_sum
     pii = [(user_text(r), found) for r in everything if (found := pii_findings(user_text(r)))]
     lengths, trained = {}, {}
     for name, rows in splits.items():
-        lengths[name], trained[name] = token_lengths(tokenizer, rows)
+        lengths[name], trained[name] = token_lengths(tokenizer, rows, **output.template_kwargs())
     # An empty source reaches the audit with no records at all: its verdict is the min_records gate, not a crash.
     all_lengths = np.concatenate([np.zeros(0, dtype=int), *lengths.values()])
     all_trained = np.concatenate([np.zeros(0, dtype=int), *trained.values()])

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.core.params import EMBEDDED_BASE, ModelSpec
+from tuneforge.core.paths import repo_root
 from tuneforge.core.quantize import run_converter
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,8 +96,10 @@ def check_gguf_export(config, tokenizer, base: str) -> None:
                              f"(convert_hf_to_gguf.py --vocab-only, exit code {result.returncode}):\n{tail}")
 
 
-def save_base_model(spec: ModelSpec, out_dir: Path) -> None:
-    """Check that the base can be exported, then materialise it as fp32 safetensors + tokenizer in out_dir."""
+def save_base_model(spec: ModelSpec, out_dir: Path, tasks: dict | None = None) -> None:
+    """Check that the base can be exported and that its chat template can write every task's answers (tasks: name ->
+    TaskSpec; a tool_call task needs a template that renders tools=), then materialise it as fp32 safetensors +
+    tokenizer in out_dir."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     if spec.base == EMBEDDED_BASE:
@@ -107,8 +110,16 @@ def save_base_model(spec: ModelSpec, out_dir: Path) -> None:
         folder, source = spec.base, {"trust_remote_code": spec.trust_remote_code}
         model_kwargs = {"use_safetensors": True}
     tokenizer = AutoTokenizer.from_pretrained(folder, **source)
+    if spec.chat_template:
+        tokenizer.chat_template = (repo_root() / spec.chat_template).read_text(encoding="utf-8")
     if tokenizer.chat_template is None:
-        raise ValueError(f"{spec.base}: the tokenizer has no chat template; tuneforge trains chat models only")
+        raise ValueError(f"{spec.base}: the tokenizer has no chat template; tuneforge trains chat models only "
+                         "(model.chat_template can name a Jinja file for one)")
+    for name, task in (tasks or {}).items():
+        try:
+            task.output.bind(tokenizer)  # a kind that reads its answers off the template learns how, or says why not
+        except ValueError as err:
+            raise ValueError(f"task {name}: {err}") from None
     check_gguf_export(AutoConfig.from_pretrained(folder, **source), tokenizer, spec.base)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **source, **model_kwargs)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +131,8 @@ def main() -> None:
     from tuneforge.core.params import load_params
     from tuneforge.core.paths import base_model_dir
 
-    save_base_model(load_params().model, base_model_dir())
+    params = load_params()
+    save_base_model(params.model, base_model_dir(), params.tasks)
     print(f"saved {base_model_dir()}")
 
 
