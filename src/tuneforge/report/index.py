@@ -41,9 +41,15 @@ EMBEDDED_HUB_ID, EMBEDDED_LICENSE = "HuggingFaceTB/SmolLM2-135M-Instruct", "apac
 METRIC_NAMES = {"micro_f1": "micro-F1", "macro_f1": "macro-F1", "exact_match": "exact match", "accuracy": "accuracy",
                 "valid_json": "valid JSON", "valid_label": "valid label", "allowed_keys_only": "allowed keys only",
                 "micro_precision": "micro precision", "micro_recall": "micro recall",
-                "hallucination_rate": "invented values", "valid_answer": "valid answers"}
+                "hallucination_rate": "invented values", "valid_answer": "valid answers",
+                "chrf": "chrF", "bleu": "BLEU", "rouge_l": "ROUGE-L", "length_ratio": "length ratio",
+                "format_pass": "format rules met", "field_f1": "field F1", "schema_valid": "schema-valid",
+                "field_precision": "field precision", "field_recall": "field recall", "invented_values": "invented values",
+                "tool_accuracy": "right tool", "arguments_exact": "exact arguments", "arguments_f1": "arguments F1",
+                "valid_call": "valid calls", "no_call_accuracy": "right no-call"}
 # Shares of the test records, shown as percentages; the others (F1, precision, recall) as 0-1 scores.
-SHARES = {"exact_match", "accuracy", "valid_json", "valid_label", "valid_answer", "allowed_keys_only",
+SHARES = {"exact_match", "accuracy", "valid_json", "valid_label", "valid_answer", "allowed_keys_only", "format_pass",
+          "schema_valid", "invented_values", "tool_accuracy", "arguments_exact", "valid_call", "no_call_accuracy",
           "hallucination_rate", "drift_share", "invalid_fraction", "near_leakage_fraction", "pii_fraction",
           "over_length_fraction"}
 # The share of answers that fit the task's output contract (the output kind's answer_problem), for every kind.
