@@ -76,7 +76,7 @@ class TaskSpec(Strict):
 
     @model_validator(mode="after")
     def _metric_fits_output(self) -> TaskSpec:
-        known = list(self.output.metric_functions())
+        known = [m for m in self.output.metric_functions() if m not in self.output.NOT_PRIMARY]
         if not self.primary_metric:
             self.primary_metric = known[0]
         if self.primary_metric not in known:

@@ -84,6 +84,7 @@ class JsonObjectOutput(OutputKind):
     plain_sentence: ClassVar[str] = "gets {share} of the {n} test inputs exactly right"
     answer_noun: ClassVar[str] = "JSON object"
     baseline_name: ClassVar[str] = "linear-SVM word tagger (values copied from the input)"
+    NOT_PRIMARY: ClassVar = frozenset({"hallucination_rate"})
     METRICS: ClassVar = {
         "micro_f1": lambda t: ratio(2 * t["tp"], t["predicted"] + t["expected"]),
         "exact_match": rate("exact"),

@@ -274,6 +274,38 @@ def _field(path: JsonPath) -> str:
     return pointer(["*" if isinstance(p, int) else p for p in path])
 
 
+def _refuse_retrieval(uri: str):
+    raise LookupError(f"{uri} is not fetched: every stage runs offline")
+
+
+def ref_problem(schema: dict) -> str:
+    """The first $ref the schema cannot resolve within itself, as "at <pointer>: $ref <ref> ...", or ''. A remote
+    $ref is never fetched (stages and tests run offline): found here, when params load, rather than as a crash when
+    the first answer is validated."""
+    from referencing import Registry, Resource
+    from referencing.exceptions import Unresolvable
+    from referencing.jsonschema import DRAFT202012
+
+    uri = "urn:tuneforge:schema"
+    resolver = Registry(retrieve=_refuse_retrieval).with_resource(
+        uri, Resource.from_contents(schema, default_specification=DRAFT202012)).resolver(base_uri=uri)
+
+    def walk(node: object, path: list) -> str:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                try:
+                    resolver.lookup(ref)
+                except Unresolvable:
+                    return f"at {pointer(path) or '/'}: $ref {ref!r} does not resolve within the schema"
+            return next((p for k, v in node.items() if (p := walk(v, [*path, k]))), "")
+        if isinstance(node, list):
+            return next((p for i, v in enumerate(node) if (p := walk(v, [*path, i]))), "")
+        return ""
+
+    return walk(schema, [])
+
+
 class JsonSchemaOutput(OutputKind):
     model_config = ConfigDict(validate_by_name=True, serialize_by_alias=True)
 
@@ -294,6 +326,7 @@ class JsonSchemaOutput(OutputKind):
     plain_sentence: ClassVar[str] = "gets {share} of the {n} test inputs exactly right"
     answer_noun: ClassVar[str] = "JSON answer"
     baseline_name: ClassVar[str] = "TF-IDF nearest neighbour (word 1-2-grams, cosine): the closest train input's answer"
+    NOT_PRIMARY: ClassVar = frozenset({"invented_values"})
     METRICS: ClassVar = {
         "field_f1": lambda t: ratio(2 * t["tp"], t["predicted"] + t["expected"]),
         "schema_valid": rate("schema_valid"),
@@ -319,6 +352,8 @@ class JsonSchemaOutput(OutputKind):
         except SchemaError as err:
             at = f" at {pointer(err.path)}" if err.path else ""
             raise ValueError(f"{where}{at}: {err.message}") from None
+        if problem := ref_problem(schema):
+            raise ValueError(f"{where}: {problem}")
         for ptr in self.extractive_fields:
             if problem := _schema_pointer_problem(ptr, schema):
                 raise ValueError(f"output.extractive_fields: {problem}")

@@ -139,6 +139,7 @@ class TextOutput(OutputKind):
                                      "inputs (character n-gram F-score: 1 is the reference text itself)")
     answer_noun: ClassVar[str] = "text"
     answers_are: ClassVar[str] = "free text"  # the model card's "answered with ..."
+    NOT_PRIMARY: ClassVar = frozenset({"length_ratio"})
     METRICS: ClassVar = {
         "chrf": _corpus(_chrf, "chrf_stats"),
         "bleu": _corpus(_bleu, "bleu_stats"),
