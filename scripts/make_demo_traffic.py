@@ -35,7 +35,7 @@ def demo_inputs(task: str, rows: int) -> list[str]:
     if spec.production_source:
         texts = [r["text"] for r in read_jsonl(repo_root() / spec.production_source)]
     else:
-        texts = [r["messages"][-2]["content"] for r in read_jsonl(processed_dir(task) / "production.jsonl")]
+        texts = [spec.output.input_text(r) for r in read_jsonl(processed_dir(task) / "production.jsonl")]
     step = max(1, len(texts) // rows)
     return texts[::step][:rows]
 

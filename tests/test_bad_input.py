@@ -305,7 +305,7 @@ def test_chat_template_special_tokens_in_data_are_quarantined(tmp_path, embedded
     assert rendered.count("<|im_start|>") > len(messages)  # a forged system turn and a forged answer
     specials = special_token_strings(embedded_tokenizer)
     embedded_tokenizer.save_pretrained(tmp_path / "base")
-    assert base_special_tokens(tmp_path / "base") == specials  # what the stage reads from models/base
+    assert base_special_tokens(tmp_path / "base", LABELS) == specials  # what the stage reads from models/base
 
     chat = [json.dumps({"messages": messages}), json.dumps({"messages": [{"role": "user", "content": "fine"},
                                                                          {"role": "assistant", "content": "ham"}]})]

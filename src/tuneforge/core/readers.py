@@ -33,6 +33,7 @@ class Record:
     source: str  # "file:line"
     id: str = ""
     given_id: object = None  # the id the raw row carried, any JSON value (1 and "1" differ), checked for duplicates
+    metadata: dict | None = None  # a JSONL row's "metadata" object (region, channel, ...): evaluate.slices groups by it
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -85,7 +86,8 @@ class Record:
         return ""
 
     def to_json(self) -> dict:
-        return {"id": self.id, "messages": self.messages, "source": self.source}
+        row = {"id": self.id, "messages": self.messages, "source": self.source}
+        return row if self.metadata is None else {**row, "metadata": self.metadata}
 
 
 @dataclass
@@ -249,10 +251,14 @@ def _read_jsonl_records(path: Path, rel: str, to_messages) -> Iterator[Record | 
             continue
         number, obj, text = item
         messages, problem = to_messages(obj)
+        metadata = obj.get("metadata")
+        if not problem and metadata is not None and not (
+                isinstance(metadata, dict) and all(isinstance(v, (str, int, float, bool)) for v in metadata.values())):
+            problem = "metadata must be an object of plain values (strings, numbers, booleans): it names slices"
         if problem:
             yield Rejected(rel, number, problem, text)
             continue
-        yield Record(messages, f"{rel}:{number}", given_id=obj.get("id"))
+        yield Record(messages, f"{rel}:{number}", given_id=obj.get("id"), metadata=metadata)
 
 
 def _chat_message(m: object) -> tuple[dict, str]:

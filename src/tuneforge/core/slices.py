@@ -23,8 +23,14 @@ def slice_keys(task: TaskSpec, records: list[dict], name: str) -> list[str]:
         if not len(words):
             return []
         low, high = np.quantile(words, [1 / 3, 2 / 3])
-        return [f"short (≤{low:.0f} words)" if w <= low else f"long (>{high:.0f} words)" if w > high
-                else f"medium ({low:.0f}-{high:.0f} words)" for w in words]
+        group = np.where(words <= low, 0, np.where(words > high, 2, 1))
+        # Each group named by the word counts its rows really have (the cut points fall between whole numbers).
+        names = {}
+        for g, label in enumerate(("short", "medium", "long")):
+            members = words[group == g]
+            if len(members):
+                names[g] = f"{label} ({members.min()}-{members.max()} words)"
+        return [names[g] for g in group]
     field = name.removeprefix("metadata.")
     return [str((r.get("metadata") or {}).get(field, MISSING)) for r in records]
 

@@ -523,9 +523,10 @@ class TaskReport:
         if valid is not None and valid < 1:
             out.append(f"{fmt(1 - valid, VALIDITY)} of the fine-tuned model's answers are not a valid "
                        f"{self.spec.output.answer_noun}: check answers before use.")
-        if ev.get("tuned_hallucination_rate"):
-            out.append(f"{fmt(ev['tuned_hallucination_rate'], 'hallucination_rate')} of the values it writes do not "
-                       "appear in the input (invented or misspelt).")
+        for invented in ("hallucination_rate", "invented_values"):  # json_object's and json_schema's name for it
+            if ev.get(f"tuned_{invented}"):
+                out.append(f"{fmt(ev[f'tuned_{invented}'], invented)} of the values it writes do not appear in the "
+                           "input (invented or misspelt).")
         out.extend(self.weakest_slices())
         baseline = ev.get(f"baseline_{self.primary}")
         if baseline is not None and ev.get(f"tuned_{self.primary}") is not None and baseline > ev[f"tuned_{self.primary}"]:

@@ -57,13 +57,16 @@ def split_of(group_key: str, split: SplitSpec, production_fraction: float) -> st
     return "train"
 
 
-def base_special_tokens(base_dir: Path) -> list[str]:
+def base_special_tokens(base_dir: Path, output: OutputKind) -> list[str]:
     """The special-token strings of the base model's tokenizer (models/base): the markers its chat template renders
-    turns with, which no training record may hold."""
+    turns with, which no training record may hold. The task's output kind is bound to the same tokenizer first, so a
+    task the template cannot write (tool_call on a template that ignores tools=) fails here, before training."""
     from tuneforge.core.chat import special_token_strings
     from tuneforge.core.modeling import load_tokenizer  # imports torch: only when the stage asks
 
-    return special_token_strings(load_tokenizer(base_dir))
+    tokenizer = load_tokenizer(base_dir)
+    output.bind(tokenizer)
+    return special_token_strings(tokenizer)
 
 
 def prepare(task: TaskSpec, split: SplitSpec, root: Path, specials: Collection[str] = ()) -> Prepared:
@@ -142,7 +145,8 @@ def with_canonical_answers(record: Record, output: OutputKind) -> Record:
     """The valid record with every answer in the form decoding produces (the kind's canonical_messages); its id is
     that content's, so answers that differ only in layout are exact duplicates."""
     messages = output.canonical_messages(record.messages)
-    return record if messages == record.messages else Record(messages, record.source, given_id=record.given_id)
+    return record if messages == record.messages else Record(messages, record.source, given_id=record.given_id,
+                                                                   metadata=record.metadata)
 
 
 def write_prepared(prepared: Prepared, out_dir: Path, quarantine: Path) -> dict:
