@@ -20,10 +20,15 @@ user message, its non-blank input, without the chat template's special tokens; n
 messages), optionally `model`, `user`, `seed` (an integer, which greedy decoding ignores) and `max_tokens` or its
 current OpenAI name `max_completion_tokens` (a JSON integer; a larger one is cut to the task's; a smaller one only
 where params' serve.allow_client_max_tokens is true, logged as client_max_tokens), and temperature 0, n 1, stream
-false, logprobs false if it sends them at all; null stands for any field's default. Any other field (grammar,
-response_format, tools, functions, stop, logit_bias, penalties, sampling settings) is refused with a 400, so no
-client grammar ever reaches llama.cpp (an unparsable one crashed it). Inputs and answers are logged with e-mail
-addresses, phone numbers and card numbers redacted (core.pii, the audit's detector).
+false, logprobs false if it sends them at all; null stands for any field's default. A task that answers with tool
+calls (output kind tool_call) also takes OpenAI's `tools`, if they are its own (the same function tools, in any
+order; others are refused, naming the difference), and tool_choice "auto": its chat template renders the task's
+tools whatever the request says, as training did, and the answer comes back as `tool_calls` (finish_reason
+"tool_calls") or as a plain reply. Any other field (grammar, response_format, other tasks' tools, functions, stop,
+logit_bias, penalties, sampling settings) is refused with a 400, so no client grammar ever reaches llama.cpp (an
+unparsable one crashed it). Inputs and answers are logged with e-mail addresses, phone numbers and card numbers
+redacted (core.pii, the audit's detector); an answer is logged as its kind's answer string (tool_call:
+{"tool_calls": [...]} or {"content": ...}), what drift judges.
 
 Limits (set below): an answer stops after ANSWER_SECONDS (finish_reason "length", logged as cut_by_time_limit, and
 drift does not judge it); a request's head must arrive
@@ -68,6 +73,11 @@ TOKEN_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")  # OpenAI's old and
 CLIENT_FIELDS = {"messages", "model", "user", "seed", *TOKEN_LIMIT_FIELDS}
 EVALUATED = {"temperature": 0, "n": 1, "stream": False, "logprobs": False}
 INTEGER_FIELDS = ("seed", *TOKEN_LIMIT_FIELDS)  # llama-cpp-python's schema would also take "5", 5.0 and true
+# A task that answers with tool calls takes OpenAI's tool fields, restating what it was trained with: its own tools
+# (contract_problem compares them), and the model's own choice between calling and replying. Neither is passed on:
+# the chat template gets the task's tools from TEMPLATE_KWARGS.
+TOOL_FIELDS = ("tools", "tool_choice")
+TOOL_CHOICES = ("auto",)
 
 ANSWER_SECONDS = 30  # generation stops here (the embedded model: 40 tokens after a 600-word prompt took 16 s on 2 busy cores)
 HEAD_SECONDS = 10  # for a request's line and headers, from the connection's opening or its previous answer
@@ -89,6 +99,11 @@ class TimeLimitCut:
 
 ANSWER_CUT: contextvars.ContextVar[TimeLimitCut] = contextvars.ContextVar("answer_cut")
 
+# The chat template's extra arguments for the request being answered: its task's (output.template_kwargs(), e.g.
+# tools=), set by RequestLog and read in the model's worker thread (see TimeLimitCut) by the chat handler
+# that pass_template_kwargs installs.
+TEMPLATE_KWARGS: contextvars.ContextVar[dict] = contextvars.ContextVar("template_kwargs", default={})
+
 
 class ServeError(ValueError):
     """A setting that keeps the server from starting, said in one sentence."""
@@ -105,7 +120,8 @@ class Route:
     model_sha256: str
     base_file: Path | None = None
     base_sha256: str | None = None
-    # The task's output kind: each request decodes under its grammar (core.constraints), as evaluated.
+    # The task's output kind, bound to the base's tokenizer where it reads answers off the chat template: each
+    # request decodes under its grammar (core.constraints) and its answer is read and sent back by it, as evaluated.
     output: OutputKind | None = None
     max_new_tokens: int = 96  # the task's token budget, as evaluated
     special_tokens: tuple[str, ...] = ()  # the served model's control tokens as text: refused in messages
@@ -223,6 +239,8 @@ class RequestLog:
         # llama-cpp-python reads neither the current name nor, under greedy decoding, the seed: dropped, not passed on.
         payload.pop("max_completion_tokens", None)
         payload.pop("seed", None)
+        for field in TOOL_FIELDS:  # the task's own tools reach the template through TEMPLATE_KWARGS
+            payload.pop(field, None)
         if route.output is not None:  # decoded as evaluated: the task's grammar, plain greedy (llama.cpp's default 1.1)
             payload["repeat_penalty"] = 1.0
             constrain_request(payload, route.output)
@@ -254,11 +272,12 @@ class RequestLog:
         strings = list(iter_strings(payload))
         if any(not is_encodable(s) for s in strings):  # JSON's "\ud800" escape decodes to one; UTF-8 cannot hold it
             return {}, "the request contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)", 400
-        size = sum(map(len, strings))
+        # The tools a client restates are the task's own, dropped before the model: not input, whatever their size.
+        size = sum(map(len, strings)) - sum(map(len, iter_strings(payload.get("tools", []))))
         if size > self.max_input_chars:
             return {}, (f"request of {size} characters (all fields, names included) exceeds this server's limit "
                         f"of {self.max_input_chars}"), 413
-        problem = field_problems(payload)
+        problem = field_problems({k: v for k, v in payload.items() if k not in TOOL_FIELDS})  # never passed on
         if problem:
             return {}, problem, 422
         if payload.get("stream"):
@@ -293,6 +312,7 @@ class RequestLog:
         start = time.perf_counter()
         cut = TimeLimitCut()
         ANSWER_CUT.set(cut)  # this request's task only: each request runs in its own
+        TEMPLATE_KWARGS.set(route.output.template_kwargs() if route.output is not None else {})
         try:
             await self.app(scope, replay, hold)
         except Exception:  # noqa: BLE001 - the traceback goes to the server's stderr, a short message to the client
@@ -302,17 +322,20 @@ class RequestLog:
             return await reply_error(send, reply["status"], upstream_error(reply["status"], reply["body"]))
         answer = json.loads(reply["body"])
         answer["model"] = route.task
+        output = served_answer(answer["choices"][0], route.output)
         # Logged before the client hears back, in a worker thread: the line's lock, write and fsync would otherwise
         # hold the event loop, and with it every other connection, for as long as the disk takes.
-        await asyncio.to_thread(self.log, route, payload, answer, time.perf_counter() - start, cut.fired)
+        await asyncio.to_thread(self.log, route, payload, answer, output, time.perf_counter() - start, cut.fired)
         body = json.dumps(answer, ensure_ascii=False).encode()
         headers = [(k, v) for k, v in reply["headers"] if k.lower() != b"content-length"]
         await send({"type": "http.response.start", "status": 200,
                     "headers": headers + [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    def log(self, route: Route, payload: dict, answer: dict, seconds: float, cut_by_time_limit: bool) -> None:
-        """One line: the input (the one user message, checked non-blank) and the answer, personal data redacted;
+    def log(self, route: Route, payload: dict, answer: dict, output: str, seconds: float,
+            cut_by_time_limit: bool) -> None:
+        """One line: the input (the one user message, checked non-blank) and the answer string (output: what drift
+        judges with the kind's answer_problem), personal data redacted;
         a client's lower max_tokens, the one setting it may change, and the server's time limit cutting the answer
         are logged with them (drift judges neither kind of answer as the model's own)."""
         choice = answer["choices"][0]
@@ -321,20 +344,42 @@ class RequestLog:
             cut_short["cut_by_time_limit"] = True
         append_request(route.log_file, {
             "task": route.task, "input": redact(payload["messages"][-1]["content"]),
-            "output": redact(choice["message"]["content"]), "finish_reason": choice["finish_reason"], **cut_short,
+            "output": redact(output), "finish_reason": choice["finish_reason"], **cut_short,
             "latency_ms": 1000 * seconds, **route.log_fields(),
         })
 
 
+def served_answer(choice: dict, output: OutputKind | None) -> str:
+    """The answer string of a completion's choice, read by the task's kind as evaluation reads generated text
+    (tool_call: the template's call syntax into canonical JSON); the choice's message is rewritten as the kind sends
+    answers back (tool_call: OpenAI's tool_calls, finish_reason "tool_calls" where the model stopped after them)."""
+    if output is None:
+        return choice["message"]["content"]
+    answer = output.from_generation(choice["message"]["content"])
+    choice["message"] = output.to_message(answer)
+    if choice["message"].get("tool_calls") and choice["finish_reason"] == "stop":
+        choice["finish_reason"] = "tool_calls"
+    return answer
+
+
 def contract_problem(payload: dict, route: Route) -> str:
     """Why a request would not be answered as its task was evaluated, or "" (the module docstring's contract)."""
-    refused = sorted(k for k, v in payload.items() if k not in CLIENT_FIELDS and not (k in EVALUATED and v == EVALUATED[k]))
+    tools = route.output.template_kwargs().get("tools") if route.output is not None else None
+    accepted = CLIENT_FIELDS | (set(TOOL_FIELDS) if tools is not None else set())
+    refused = sorted(k for k, v in payload.items() if k not in accepted and not (k in EVALUATED and v == EVALUATED[k]))
     if refused:
         grammar = "under its own grammar, " if route.output is not None and route.output.constrained else ""
         evaluated = ", ".join(f"{k} {json.dumps(v)}" for k, v in EVALUATED.items())
+        own_tools = "its own tools, tool_choice \"auto\", " if tools is not None else ""
         return (f"{', '.join(refused)}: not accepted here. {route.task}'s answers are decoded as it was evaluated "
                 f"({grammar}greedy, after its own system prompt, at most {route.max_new_tokens} new tokens); a client "
-                f"may send messages, model, user, seed, max_tokens (or max_completion_tokens), and {evaluated}")
+                f"may send messages, model, user, seed, max_tokens (or max_completion_tokens), {own_tools}and "
+                f"{evaluated}")
+    if tools is not None and "tools" in payload and (problem := tools_problem(payload["tools"], tools)):
+        return problem
+    if "tool_choice" in payload and payload["tool_choice"] not in TOOL_CHOICES:
+        return (f"tool_choice {json.dumps(payload['tool_choice'])}: not accepted here. {route.task} was trained to "
+                "choose between calling one of its tools and replying: send tool_choice \"auto\" or none")
     not_integers = [k for k in INTEGER_FIELDS if k in payload and type(payload[k]) is not int]
     if not_integers:  # bool is a subclass of int: `type`, not isinstance
         return f"{', '.join(not_integers)} must be a JSON integer"
@@ -365,6 +410,33 @@ def contract_problem(payload: dict, route: Route) -> str:
             return (f"message {i} holds the chat template's special tokens {found}: the model would read them as turn "
                     "markers; send the text without them")
     return ""
+
+
+def tools_problem(sent, tools: list[dict]) -> str:
+    """Why a request's tools are not the task's, or "": the same tools (canonical JSON, in any order), since
+    the model was trained with those and is answered with them whatever the request says."""
+    def canonical(tool) -> str:
+        return json.dumps(tool, sort_keys=True)
+
+    def name(tool) -> str | None:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        return function.get("name") if isinstance(function, dict) and isinstance(function.get("name"), str) else None
+
+    if isinstance(sent, list) and sorted(map(canonical, sent)) == sorted(map(canonical, tools)):
+        return ""
+    own = {t["function"]["name"]: canonical(t) for t in tools}
+    if isinstance(sent, list):
+        named = {name(t): canonical(t) for t in sent if name(t) is not None}
+        differences = [f"{what} {names}" for what, names in (
+            ("missing", [n for n in own if n not in named]),
+            ("not its own", sorted(n for n in named if n not in own)),
+            ("defined otherwise", [n for n in own if n in named and named[n] != own[n]])) if names]
+        if len(named) < len(sent):
+            differences.append("entries that are not function tools or repeat a name")
+    else:
+        differences = ["not a list"]
+    return (f"tools: not the task's tools ({'; '.join(differences)}); it answers with the tools it was trained on: "
+            f"{list(own)} (send those, as declared, or none)")
 
 
 def client_max_tokens(payload: dict) -> int | None:
@@ -516,7 +588,8 @@ def build_app(task: str | None = None, quantization: str | None = None, n_ctx: i
                                 model_settings=[ModelSettings(model=str(model_file), model_alias=task, n_ctx=n_ctx,
                                                               n_threads=params.export.n_threads, verbose=False)])
     llm = server_app._llama_proxy._current_model  # loaded by create_app's LlamaProxy
-    route = Route(task, production_file(task), spec.system_prompt, model_file, file_sha256(model_file), output=spec.output,
+    route = Route(task, production_file(task), spec.system_prompt, model_file, file_sha256(model_file),
+                  output=served_outputs({task: spec.output})[task],
                   max_new_tokens=spec.max_new_tokens, special_tokens=control_token_strings(llm),
                   allow_client_max_tokens=params.serve.allow_client_max_tokens)
     return guarded_app(app, llm, {task: route}, n_ctx, api_key)
@@ -548,11 +621,34 @@ def build_multi_task_app(params, n_ctx: int, api_key: str | None):
     server_app._llama_proxy = TaskAdapterProxy(switch)
     base_sha = file_sha256(base_file)
     specials = control_token_strings(switch.llm)
+    outputs = served_outputs({t: params.tasks[t].output for t in tasks})
     routes = {t: Route(t, production_file(t), params.tasks[t].system_prompt, adapter_gguf_file(t),
-                       file_sha256(adapter_gguf_file(t)), base_file, base_sha, output=params.tasks[t].output,
+                       file_sha256(adapter_gguf_file(t)), base_file, base_sha, output=outputs[t],
                        max_new_tokens=params.tasks[t].max_new_tokens, special_tokens=specials,
                        allow_client_max_tokens=params.serve.allow_client_max_tokens) for t in tasks}
     return guarded_app(app, switch.llm, routes, n_ctx, api_key)
+
+
+def served_outputs(outputs: dict[str, OutputKind]) -> dict[str, OutputKind]:
+    """Each task's output kind as evaluation used it: bound to the base model's tokenizer where the kind reads how
+    answers are written off the chat template (tool_call), the template the exported GGUFs carry."""
+    from tuneforge.core.modeling import load_tokenizer
+    from tuneforge.core.paths import base_model_dir
+
+    binding = [t for t, output in outputs.items() if output.binds_to_template]
+    if not binding:
+        return outputs
+    if not base_model_dir().is_dir():
+        raise ServeError(f"{base_model_dir()} does not exist: run `dvc repro base_model` first ({binding} read how "
+                         "the model writes answers off its tokenizer's chat template)")
+    tokenizer = load_tokenizer(base_model_dir())
+    bound = {}
+    for task, output in outputs.items():
+        try:
+            bound[task] = output.bind(tokenizer)
+        except ValueError as err:
+            raise ServeError(f"task {task}: {err}") from None
+    return bound
 
 
 def server_settings(api_key: str | None):
@@ -570,6 +666,7 @@ def guarded_app(app, llm, routes: dict[str, Route], n_ctx: int, api_key: str | N
 
     app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]  # read on the first request
     limit_answer_time(llm, ANSWER_SECONDS)
+    pass_template_kwargs(llm)
     # A character is at least a quarter of a token here; keep room for the answer in the context.
     return RequestLog(app, routes=routes, max_input_chars=2 * n_ctx, api_key=api_key)
 
@@ -583,6 +680,25 @@ def control_token_strings(llm) -> tuple[str, ...]:
     return tuple(llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", errors="replace")
                  for token in range(llm.n_vocab())
                  if llama_cpp.llama_vocab_get_attr(vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL)
+
+
+def pass_template_kwargs(llm) -> None:
+    """Render every chat prompt of llm with the request's TEMPLATE_KWARGS (its task's tools=), as training and
+    evaluation rendered it.
+
+    Not through the request's `tools`: llama-cpp-python's request schema rewrites them (keys put in its own order,
+    "strict" dropped, a tool without parameters refused), and its chat template writes them with tojson, so the
+    prompt would differ from the one the task learned. Its chat handler hands them to the GGUF's Jinja template.
+    """
+    from llama_cpp.llama_chat_format import get_chat_completion_handler
+
+    handler = (llm.chat_handler or llm._chat_handlers.get(llm.chat_format)  # as Llama.create_chat_completion picks
+               or get_chat_completion_handler(llm.chat_format))
+
+    def with_template_kwargs(**kwargs):
+        return handler(**{**kwargs, **TEMPLATE_KWARGS.get()})
+
+    llm.chat_handler = with_template_kwargs
 
 
 def limit_answer_time(llm, seconds: float) -> None:

@@ -64,6 +64,9 @@ class OutputKind(Strict):
     answer_noun: ClassVar[str]      # e.g. "JSON object": "check answers before use" in the model card
     baseline_name: ClassVar[str]    # the classical baseline, in words
     METRICS: ClassVar[dict[str, FromTotals]]  # every scalar metric; the first is the default primary metric
+    # Whether bind() reads how answers are written off the base's chat template (tool_call): then a kind must be
+    # bound before its grammar or from_generation is used, and whoever binds needs the base's tokenizer.
+    binds_to_template: ClassVar[bool] = False
 
     # --- records ---
 
@@ -96,6 +99,10 @@ class OutputKind(Strict):
     def from_generation(self, text: str) -> str:
         """The answer string of a model's generated text (decoded, special tokens skipped)."""
         return text
+
+    def to_message(self, answer: str) -> dict:
+        """The answer as the assistant message of an OpenAI chat completion (what `tuneforge serve` sends back)."""
+        return {"role": "assistant", "content": answer}
 
     def describe(self) -> str:
         """What an answer is, in Markdown for the model card: "answered with <this>"."""

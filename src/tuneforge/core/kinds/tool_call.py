@@ -282,6 +282,7 @@ class ToolCallOutput(OutputKind):
     answer_noun: ClassVar[str] = "tool call"
     baseline_name: ClassVar[str] = ("TF-IDF + logistic regression picks the tool (or no call); the nearest training "
                                     "input with that choice gives the arguments")
+    binds_to_template: ClassVar[bool] = True
     METRICS: ClassVar = {
         "exact_match": rate("exact"),
         "tool_accuracy": rate("tool_right"),
@@ -339,6 +340,20 @@ class ToolCallOutput(OutputKind):
     def from_generation(self, text: str) -> str:
         answer = self.wire.parse(text)
         return self.canonical_answer(answer) if not self.answer_problem(answer) else answer
+
+    def to_message(self, answer: str) -> dict:
+        """A call as OpenAI's API writes one: content null, each call with an id and its arguments as JSON text
+        (keys in the answer's order); a reply as content. An answer that breaks the contract goes back as
+        content, the text the request log holds."""
+        obj, _ = strict_json(answer)
+        if isinstance(obj, dict) and set(obj) == {"content"} and isinstance(obj["content"], str):
+            return {"role": "assistant", "content": obj["content"]}
+        if self.answer_problem(answer):
+            return {"role": "assistant", "content": answer}
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{i}", "type": "function",
+             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+            for i, call in enumerate(obj["tool_calls"])]}
 
     def grammar(self, input_text: str) -> str | None:
         if self._grammar is None:
