@@ -64,6 +64,9 @@ class OutputKind(Strict):
     answer_noun: ClassVar[str]      # e.g. "JSON object": "check answers before use" in the model card
     baseline_name: ClassVar[str]    # the classical baseline, in words
     METRICS: ClassVar[dict[str, FromTotals]]  # every scalar metric; the first is the default primary metric
+    # Metrics where higher is not better (a rate of mistakes, a ratio aiming at 1): reported, never a primary metric,
+    # which the gates, the sweep and the weakest slice all rank by.
+    NOT_PRIMARY: ClassVar[frozenset[str]] = frozenset()
     # Whether bind() reads how answers are written off the base's chat template (tool_call): then a kind must be
     # bound before its grammar or from_generation is used, and whoever binds needs the base's tokenizer.
     binds_to_template: ClassVar[bool] = False

@@ -38,7 +38,7 @@ from tuneforge.core.chat import (PROBE_ARGUMENTS, PROBE_TOOL, assistant_turn, en
 from tuneforge.core.kinds.base import INVALID, OutputKind, prf, rate, ratio
 from tuneforge.core.kinds.gbnf import gbnf_literal
 from tuneforge.core.kinds.json_answers import dumps, strict_json
-from tuneforge.core.kinds.json_schema import _canonical, pointer, schema_gbnf
+from tuneforge.core.kinds.json_schema import _canonical, pointer, ref_problem, schema_gbnf
 
 NO_CALL = "(no call)"  # the tool choice of a reply without a call
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # OpenAI's limit is 64 characters
@@ -261,6 +261,8 @@ def _tool_problem(i: int, tool: object) -> str:
         Draft202012Validator.check_schema(parameters)
     except SchemaError as err:
         return f"{where}.function.parameters at {pointer(err.path) or '/'}: {err.message}"
+    if problem := ref_problem(parameters):
+        return f"{where}.function.parameters {problem}"
     if parameters.get("type") != "object":
         return f'{where}.function.parameters must describe an object ("type": "object"): the arguments are one'
     return ""
