@@ -56,6 +56,8 @@ def root(module_tmp, repo_root, base_model_dir):
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     params["export"]["base_quantization"] = "F16"
     params["serve"]["allow_client_max_tokens"] = True  # short answers (MAX_TOKENS) keep the comparison quick
+    params["tasks"] = {t: params["tasks"][t] for t in TASKS}  # the two tasks this module builds adapters for
+    params["train"]["task_overrides"] = {t: v for t, v in params["train"]["task_overrides"].items() if t in TASKS}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "dvc.yaml").write_text("stages: {}\n")
     scratch = root / "scratch"
