@@ -17,7 +17,8 @@ the server through DNS rebinding; no response carries CORS headers, so browsers 
 What is served is what was evaluated: the task's system prompt, its grammar, greedy decoding and its
 max_new_tokens, for one user message. A client sends messages (the task's own system message or none, then one
 user message, its non-blank input, without the chat template's special tokens; no earlier turns, no assistant
-messages), optionally `model`, `user`, `seed` (an integer, which greedy decoding ignores) and `max_tokens` or its
+messages, except for a chat task, which answers a conversation of alternating user and assistant turns ending with
+the user's and logs it whole), optionally `model`, `user`, `seed` (an integer, which greedy decoding ignores) and `max_tokens` or its
 current OpenAI name `max_completion_tokens` (a JSON integer; a larger one is cut to the task's; a smaller one only
 where params' serve.allow_client_max_tokens is true, logged as client_max_tokens), and temperature 0, n 1, stream
 false, logprobs false if it sends them at all; null stands for any field's default. A task that answers with tool
@@ -334,7 +335,8 @@ class RequestLog:
 
     def log(self, route: Route, payload: dict, answer: dict, output: str, seconds: float,
             cut_by_time_limit: bool) -> None:
-        """One line: the input (the one user message, checked non-blank) and the answer string (output: what drift
+        """One line: the input (the kind's input_text: the one user message, or a chat task's conversation) and the
+        answer string (output: what drift
         judges with the kind's answer_problem), personal data redacted;
         a client's lower max_tokens, the one setting it may change, and the server's time limit cutting the answer
         are logged with them (drift judges neither kind of answer as the model's own)."""
@@ -343,7 +345,7 @@ class RequestLog:
         if cut_by_time_limit:
             cut_short["cut_by_time_limit"] = True
         append_request(route.log_file, {
-            "task": route.task, "input": redact(payload["messages"][-1]["content"]),
+            "task": route.task, "input": redact(logged_input(route, payload["messages"])),
             "output": redact(output), "finish_reason": choice["finish_reason"], **cut_short,
             "latency_ms": 1000 * seconds, **route.log_fields(),
         })
@@ -360,6 +362,14 @@ def served_answer(choice: dict, output: OutputKind | None) -> str:
     if choice["message"].get("tool_calls") and choice["finish_reason"] == "stop":
         choice["finish_reason"] = "tool_calls"
     return answer
+
+
+def logged_input(route: Route, messages: list[dict]) -> str:
+    """What the answer is about, as evaluation records it (the kind's input_text: the last user message, or a chat
+    task's whole conversation before the answer), so that drift compares like with like."""
+    if route.output is None:
+        return messages[-1]["content"]
+    return route.output.input_text({"messages": [*messages, {"role": "assistant", "content": ""}]})
 
 
 def contract_problem(payload: dict, route: Route) -> str:
@@ -397,9 +407,13 @@ def contract_problem(payload: dict, route: Route) -> str:
     if any(m["role"] == "system" and (i > 0 or m["content"] != route.system_prompt) for i, m in enumerate(messages)):
         return (f"the system prompt is {route.task}'s own, as evaluated: send no system message (the server adds it)"
                 if route.system_prompt else f"{route.task} was evaluated without a system prompt: send none")
-    # Earlier turns would steer the answer (invented examples) and only the last message is logged.
     turns = [m["role"] for m in messages if m["role"] != "system"]
-    if turns.count("user") > 1 or "assistant" in turns:
+    if route.output is not None and route.output.multi_turn:  # a chat task answers a conversation, as evaluated
+        if any(a == b for a, b in zip(turns, turns[1:])) or turns[0] != "user":
+            return (f"{route.task} answers a conversation: after the optional system prompt, turns alternate user, "
+                    "assistant, ..., ending with the user's")
+    # Earlier turns would steer the answer (invented examples) and only the last message is logged.
+    elif turns.count("user") > 1 or "assistant" in turns:
         return (f"{route.task} answers one user message, as it was evaluated: send the input as a single user message, "
                 "without earlier turns or assistant messages")
     if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():

@@ -70,6 +70,9 @@ class OutputKind(Strict):
     # Whether bind() reads how answers are written off the base's chat template (tool_call): then a kind must be
     # bound before its grammar or from_generation is used, and whoever binds needs the base's tokenizer.
     binds_to_template: ClassVar[bool] = False
+    # Whether a request (and a record) may hold earlier turns: chat answers a conversation's last user turn;
+    # every other kind answers one input, and `tuneforge serve` refuses earlier turns for it.
+    multi_turn: ClassVar[bool] = False
 
     # --- records ---
 

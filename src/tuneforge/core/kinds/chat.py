@@ -25,6 +25,7 @@ class ChatOutput(TextOutput):
                                      "{n} test conversations (character n-gram F-score: 1 is the reference text "
                                      "itself)")
     answer_noun: ClassVar[str] = "reply"
+    multi_turn: ClassVar[bool] = True
     answers_are: ClassVar[str] = "free-text replies, each assistant turn given the conversation before it"
 
     @property
