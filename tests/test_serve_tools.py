@@ -130,6 +130,25 @@ def test_a_label_task_still_refuses_tools(tmp_path):
         assert problem.startswith(f"{next(iter(fields))}: not accepted here") and "its own tools" not in problem
 
 
+def test_a_chat_task_takes_a_conversation_and_logs_it_as_evaluation_reads_it(tmp_path):
+    """Only a chat task answers earlier turns; its log input is the kind's input_text, as in the predictions file."""
+    from tuneforge.serve import logged_input
+
+    chat = Route("talk", tmp_path / "requests.jsonl", "", tmp_path / "model.gguf", "0" * 64,
+                 output=output_spec(kind="chat"))
+    label = Route("spam", tmp_path / "requests.jsonl", "", tmp_path / "model.gguf", "0" * 64,
+                  output=output_spec(kind="label", labels=["spam", "ham"]))
+    conversation = [{"role": "user", "content": "Suggest a subject"}, {"role": "assistant", "content": "Lunch"},
+                    {"role": "user", "content": "In capitals"}]
+    assert contract_problem({"messages": conversation}, chat) == ""
+    assert "answers one user message" in contract_problem({"messages": conversation}, label)
+    assert "turns alternate" in contract_problem({"messages": [conversation[0], *conversation]}, chat)
+    assert "turns alternate" in contract_problem({"messages": conversation[1:]}, chat)
+    record = {"messages": [*conversation, {"role": "assistant", "content": "LUNCH"}]}
+    assert logged_input(chat, conversation) == chat.output.input_text(record)
+    assert logged_input(label, conversation[-1:]) == "In capitals"
+
+
 # --- served: a built model that calls (slow: builds its GGUFs, starts llama.cpp servers) ---
 
 
