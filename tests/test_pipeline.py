@@ -15,12 +15,14 @@ from tests.conftest import copy_repo, dump_dom_offline, git
 
 pytestmark = pytest.mark.slow
 
+PRIMARY = {"address_json": "micro_f1", "sms_spam": "macro_f1", "email_subject": "chrf"}  # the embedded tasks
 REMOTE_LOAD = re.compile(r"""<(?:script|link|img|iframe)\b[^>]*?\s(?:src|href)=["']https?://""")
 
 SMALL = {  # keep CI fast through params, not by mocking any stage
     "train": {"max_steps": 2, "eval_every": 1, "eval_rows": 8, "checkpoint_every": 1, "batch_size": 4},
     "evaluate": {"max_rows": 24, "min_tuned_score": 0.0, "max_regression": 1.0},
-    "tasks": {"address_json": {"min_score": 0.0}},  # two training steps teach nothing: gates must not fail
+    # two training steps teach nothing: gates must not fail
+    "tasks": {"address_json": {"min_score": 0.0}, "email_subject": {"min_score": 0.0}},
     "export": {"max_rows": 6, "parity_rows": 3, "imatrix_rows": 8, "max_metric_drop": 1.0, "min_top1_agreement": 0.0},
 }
 
@@ -65,7 +67,7 @@ def pipeline(module_tmp):
 
 def test_repro_writes_splits_reports_and_metrics(pipeline):
     repo, _ = pipeline
-    for task in ("address_json", "sms_spam"):
+    for task in PRIMARY:
         for split in ("train", "validation", "test"):
             assert (repo / f"data/processed/{task}/{split}.jsonl").stat().st_size > 0
         audit = json.loads((repo / f"metrics/{task}/audit.json").read_text())
@@ -78,7 +80,7 @@ def test_repro_writes_splits_reports_and_metrics(pipeline):
 
 def test_every_stage_reported(pipeline):
     repo, _ = pipeline
-    for task in ("address_json", "sms_spam"):
+    for task in PRIMARY:
         train = json.loads((repo / f"metrics/{task}/train.json").read_text())
         assert train["mode"] == "lora" and train["device"] == "cpu" and train["steps"] == 2
         # The same adapter config in every clone: the base by its project path, the modules in a stable order.
@@ -86,7 +88,7 @@ def test_every_stage_reported(pipeline):
         assert adapter_config["base_model_name_or_path"] == "models/base"
         assert adapter_config["target_modules"] == sorted(adapter_config["target_modules"])
         assert len(adapter_config["target_modules"]) == 7  # all-linear on a Llama: q k v o gate up down
-        assert "tuned_" + ("micro_f1" if task == "address_json" else "macro_f1") in (repo / f"metrics/{task}/eval.json").read_text()
+        assert f"tuned_{PRIMARY[task]}" in (repo / f"metrics/{task}/eval.json").read_text()
         assert len((repo / f"data/predictions/{task}.jsonl").read_text().splitlines()) == 24
         export = json.loads((repo / f"metrics/{task}/export.json").read_text())
         assert export["Q4_K_M_size_mb"] < export["f16_size_mb"] / 2
@@ -133,7 +135,7 @@ def test_changing_an_audit_threshold_reruns_only_audit_and_the_index(pipeline):
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
     # The index shows every task's numbers, so it follows the audits' new metrics; training depends on the audit's
     # verdict alone (unchanged), so nothing else reruns.
-    assert ran == ["audit@address_json", "audit@sms_spam", "index"]
+    assert ran == ["audit@address_json", "audit@email_subject", "audit@sms_spam", "index"]
     commit(repo, "pii threshold")
 
 
