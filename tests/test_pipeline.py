@@ -182,13 +182,31 @@ def test_share_through_a_dvc_remote(pipeline, tmp_path):
     assert "Running stage" not in out
 
 
-def test_a_new_task_needs_no_dvc_yaml_edit(pipeline):
-    """A task added to params.yaml runs through every stage and reaches the index; dvc.yaml stays as it is."""
+def test_new_tasks_of_other_kinds_need_no_dvc_yaml_edit(pipeline):
+    """Tasks added to params.yaml run through every stage and reach the index, whatever their output kind (a label,
+    a nested JSON Schema, a multi-turn chat; text is embedded; tool_call needs a base whose template renders tools=,
+    tests/test_kinds_pipeline.py); dvc.yaml stays as it is."""
     repo, _ = pipeline
     params = yaml.safe_load((repo / "params.yaml").read_text())
     spam = {k: v for k, v in params["tasks"]["sms_spam"].items() if k != "production_source"}
-    set_params(repo, {"tasks": {"spam_again": spam}})
+    data = Path(__file__).parent / "data"
+    for folder, files in (("orders", ("json_schema_task/records.jsonl", "json_schema_task/schema.json")),
+                          ("conversations", ("chat_task/records.jsonl",))):
+        (repo / "data/raw" / folder).mkdir(parents=True)
+        for name in files:
+            shutil.copy2(data / name, repo / "data/raw" / folder / Path(name).name)
+    set_params(repo, {"audit": {"max_pii_fraction": 1.0},  # every order confirmation names its customer's e-mail
+                      "tasks": {
+        "spam_again": spam,
+        "orders": {"source": "data/raw/orders/records.jsonl", "reader": "prompt_completion_jsonl",
+                   "system_prompt": "Extract the order as JSON.", "max_new_tokens": 16,
+                   "output": {"kind": "json_schema", "schema_file": "data/raw/orders/schema.json"}},
+        "conversations": {"source": "data/raw/conversations/records.jsonl", "reader": "chat_jsonl",
+                          "output": {"kind": "chat"}, "max_new_tokens": 8},
+    }})
     dvc("repro", cwd=repo)
     assert git("status", "--porcelain", "dvc.yaml", cwd=repo) == ""
     assert json.loads((repo / "metrics/spam_again/eval.json").read_text())["test_rows"] == 24
-    assert "spam_again" in (repo / "reports/index.html").read_text()
+    index = (repo / "reports/index.html").read_text()
+    for task, metric in (("spam_again", "macro_f1"), ("orders", "field_f1"), ("conversations", "chrf")):
+        assert f"tuned_{metric}" in (repo / f"metrics/{task}/eval.json").read_text() and task in index
