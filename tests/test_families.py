@@ -3,9 +3,7 @@ its real tokenizer and chat template (scripts/make_random_model.py), through bas
 export (f16, Q8_0, Q4_K_M) with the stage functions; and a base the GGUF converter refuses fails at base_model.
 """
 
-import importlib.util
 import shutil
-import sys
 
 import pytest
 import yaml
@@ -30,7 +28,7 @@ from tuneforge.stages.export import run_export  # noqa: E402
 from tuneforge.stages.prepare import prepare, write_prepared  # noqa: E402
 from tuneforge.stages.train import train_task  # noqa: E402
 
-from .conftest import ROOT  # noqa: E402
+from .conftest import load_script  # noqa: E402
 
 pytestmark = pytest.mark.slow  # four model families through every stage
 
@@ -46,15 +44,7 @@ SETTINGS = {
 }
 
 
-def load_builder():
-    spec = importlib.util.spec_from_file_location("make_random_model", ROOT / "scripts" / "make_random_model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-builder = load_builder()
+builder = load_script("make_random_model")
 if not builder.VOCAB_DIR.exists():
     pytest.skip("the vocabulary GGUFs are fetched by scripts/fetch_gguf_converter.sh", allow_module_level=True)
 

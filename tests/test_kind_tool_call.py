@@ -8,9 +8,7 @@ tokenizers come from llama.cpp's vocabulary GGUFs (scripts/make_random_model.py)
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -24,23 +22,15 @@ from tuneforge.core.params import SplitSpec, TaskSpec
 from tuneforge.core.readers import Record, Rejected, read_source
 from tuneforge.stages.prepare import prepare
 
-from .conftest import ROOT
+from .conftest import ROOT, load_script
 
 DATA = ROOT / "tests" / "data"
 TOOLS = yaml.safe_load((DATA / "tool_call_task" / "tools.yaml").read_text())
 KIND = output_spec(kind="tool_call", tools=TOOLS)
 
 
-def load_builder():
-    spec = importlib.util.spec_from_file_location("make_random_model", ROOT / "scripts" / "make_random_model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def family_tokenizer(family: str, template: str):
-    builder = load_builder()
+    builder = load_script("make_random_model")
     if not builder.VOCAB_DIR.exists():
         pytest.skip("the vocabulary GGUFs are fetched by scripts/fetch_gguf_converter.sh")
     tokenizer = builder.family_tokenizer(family)

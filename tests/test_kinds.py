@@ -5,9 +5,7 @@ test record, and it can say in words what an answer is."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import yaml
 from tuneforge.core.kinds import KINDS, output_spec
 from tuneforge.core.readers import Record, read_source
 
-from .conftest import ROOT
+from .conftest import ROOT, load_script
 
 DATA = ROOT / "tests" / "data"
 
@@ -66,10 +64,7 @@ def test_every_registered_kind_has_a_case():
 @pytest.fixture(scope="module")
 def qwen25_tokenizer():
     """A tokenizer whose template renders tools=: the Qwen2 vocabulary with Qwen2.5-Instruct's template."""
-    spec = importlib.util.spec_from_file_location("make_random_model", ROOT / "scripts" / "make_random_model.py")
-    builder = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = builder
-    spec.loader.exec_module(builder)
+    builder = load_script("make_random_model")
     if not builder.VOCAB_DIR.exists():
         pytest.skip("the vocabulary GGUFs are fetched by scripts/fetch_gguf_converter.sh")
     tokenizer = builder.family_tokenizer("qwen2")

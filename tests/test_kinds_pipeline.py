@@ -5,9 +5,7 @@ multi-step records among them) and chat (two-turn conversations). Random weights
 that each stage runs, scores with the kind's own metrics and keeps the kind's contract, not that the answers are good.
 """
 
-import importlib.util
 import shutil
-import sys
 
 import pytest
 import yaml
@@ -26,7 +24,7 @@ from tuneforge.stages.export import run_export  # noqa: E402
 from tuneforge.stages.prepare import prepare, write_prepared  # noqa: E402
 from tuneforge.stages.train import train_task  # noqa: E402
 
-from .conftest import ROOT  # noqa: E402
+from .conftest import ROOT, load_script  # noqa: E402
 
 pytestmark = pytest.mark.slow  # four tasks through every stage
 
@@ -64,15 +62,7 @@ SETTINGS = {
 }
 
 
-def load_builder():
-    spec = importlib.util.spec_from_file_location("make_random_model", ROOT / "scripts" / "make_random_model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-builder = load_builder()
+builder = load_script("make_random_model")
 if not builder.VOCAB_DIR.exists():
     pytest.skip("the vocabulary GGUFs are fetched by scripts/fetch_gguf_converter.sh", allow_module_level=True)
 

@@ -26,12 +26,11 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 import jsonschema  # noqa: E402
 
-from tests.test_kind_tool_call import load_builder  # noqa: E402
 from tests.test_serve import free_port  # noqa: E402
 from tuneforge.core.kinds import output_spec  # noqa: E402
 from tuneforge.serve import Route, contract_problem, served_answer, tools_problem  # noqa: E402
 
-from .conftest import ROOT  # noqa: E402
+from .conftest import ROOT, load_script  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 TASK = "assistant"
@@ -53,7 +52,7 @@ TEMPLATE = (DATA / "chat_templates" / "qwen2.5-instruct.jinja").read_text()
 MAX_NEW_TOKENS = 160  # the built model writes a call a character at a time: ~105 tokens
 QUESTION = "Convert 12 mi to km."
 
-builder = load_builder()
+builder = load_script("make_random_model")
 if not builder.VOCAB_DIR.exists():
     pytest.skip("the vocabulary GGUFs are fetched by scripts/fetch_gguf_converter.sh", allow_module_level=True)
 
