@@ -17,6 +17,8 @@ import pytest
 import yaml
 
 from tests.conftest import copy_repo, dump_dom_offline, git
+from tuneforge.core.kinds import output_spec
+from tuneforge.report.index import fmt
 
 REMOTE_LOAD = re.compile(r"""<(?:script|link|img|iframe)\b[^>]*?\s(?:src|href)=["']https?://""")
 
@@ -71,11 +73,11 @@ def test_each_task_leads_with_a_plain_sentence_from_its_metrics(repo):
         ev, ex = metrics(repo, task, "eval"), metrics(repo, task, "export")
         served = ex.get("served_quantization") or yaml.safe_load((repo / "params.yaml").read_text())["export"]["quantizations"][0]
         lead = text(section(page, task).split('<p class="lead">')[1].split("</p>")[0])
-        plain = "exact_match" if spec["output"]["kind"] == "json_object" else "accuracy"
+        plain = output_spec(**spec["output"]).plain_metric  # how often the whole answer is right, or text's chrF
         share = ev[f"tuned_{plain}"]
         assert lead.startswith("The fine-tuned model ")
-        assert f"{share:.0%}" in lead or f"{share:.1%}" in lead, lead
-        assert f"of the {ev['test_rows']} test inputs" in lead
+        assert fmt(share, plain) in lead, lead
+        assert f"{ev['test_rows']} test inputs" in lead
         assert f"{ex[f'{served}_size_mb']:.0f} MB {served} file" in lead
         primary = spec["primary_metric"]
         assert f"{ex[f'{served}_{primary}']:.3f}" in lead and f"{ex[f'hf_{primary}']:.3f}" in lead
@@ -184,7 +186,7 @@ def test_model_cards_hold_the_facts_of_the_metrics(repo):
             assert f"\n## {heading}\n" in body, heading
         assert spec["system_prompt"] in body
         assert f"| train | {au['train_records']:,} |" in body and f"{au['raw_records']:,} raw records" in body
-        assert f"{tr['best_eval_loss']:.3f} after" in body
+        assert f"{fmt(tr['best_eval_loss'])} after" in body
         for q in ["f16", *params["export"]["quantizations"]]:
             assert f"`models/{task}/gguf/model-{q}.gguf`" in body and f"{ex[f'{q}_size_mb']:.0f} MB" in body
         assert ("**Retrain**" in body) == dr["retrain"]
