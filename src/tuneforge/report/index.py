@@ -343,6 +343,8 @@ class TaskReport:
         retrain, before = dr.get("retrain"), old("drift", "retrain")
         detail = (f"{fmt(dr.get('drifted_columns'))} of {fmt(dr.get('columns_checked'))} monitored columns drifted "
                   f"over the last {fmt(dr.get('current_rows'))} requests" if dr.get("columns_checked") else "")
+        if dr and dr.get("current_rows", 0) < self.params.drift.min_rows:  # the drift stage judged nothing
+            retrain, detail = None, f"{fmt(dr.get('current_rows', 0))} requests logged: too few to judge"
         gates.append(Gate("Live traffic (drift)", None if retrain is None else not retrain, detail,
                           None if before is None else not before, dr.get("reasons", []), ("no drift", "RETRAIN")))
         return gates
