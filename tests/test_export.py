@@ -12,6 +12,7 @@ import torch
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama_cpp is not importable: scripts/setup.sh installs llama-cpp-python")
 
 from tests.conftest import CHAT_RECORDS  # noqa: E402
+from tuneforge.core.kinds import output_spec  # noqa: E402
 from tuneforge.stages import export  # noqa: E402
 
 pytestmark = pytest.mark.slow  # merges, converts and quantizes GGUF files
@@ -94,7 +95,8 @@ def test_f16_matches_the_hf_model_next_token_for_token(exported, tokenizer):
 
     tmp, files = exported
     hf = AutoModelForCausalLM.from_pretrained(tmp / "merged", dtype=torch.float32)
-    reference = export.parity_reference(hf, tokenizer, RECORDS)  # computed once, compared with each file
+    # computed once, compared with each file; a text kind: the records' answers rendered as they are
+    reference = export.parity_reference(hf, tokenizer, RECORDS, output_spec(kind="text"))
     parity = export.next_token_parity(reference, export.load_llama(files["f16"], logits_all=True, n_threads=2))
     assert parity["answer_tokens"] > 10
     assert parity["top1_agreement"] >= 0.8 and parity["mean_kl"] < 0.01
