@@ -95,5 +95,6 @@ def dump_dom_offline(chromium: str, page: Path, profile: Path) -> str:
                           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
                           "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=5000", "--dump-dom",
                           page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0 and len(dom.stdout) > 1000, dom.stderr[-2000:]
+    # A rendered page: over 1,000 characters, or half its file for a page that small (a drift page without traffic)
+    assert dom.returncode == 0 and len(dom.stdout) > min(1000, page.stat().st_size // 2), dom.stderr[-2000:]
     return dom.stdout
