@@ -14,6 +14,7 @@ template arguments (`tools=`) go to every render of one conversation alike.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 
 IGNORE = -100  # label value that torch's cross-entropy skips
@@ -122,6 +123,22 @@ PROBE_ARGUMENTS = {"__arg__": "__value__"}
 
 def probe_call(arguments: dict = PROBE_ARGUMENTS) -> dict:
     return {"type": "function", "function": {"name": "__probe__", "arguments": arguments}}
+
+
+def function_call(call: object) -> dict | None:
+    """An OpenAI tool call's function as {"name", "arguments"}, the arguments' JSON text decoded (text that is not
+    JSON stays text, for the output kind to name); None when the call holds no function object. The call's id is
+    left out: it is a label that differs between two runs of one conversation."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return None
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    return {"name": function.get("name"), "arguments": arguments}
 
 
 def template_renders_tools(tokenizer) -> str:

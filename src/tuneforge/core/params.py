@@ -21,9 +21,11 @@ from pydantic import (
     Field,
     StrictBool,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from tuneforge.core.fields import Strict
 from tuneforge.core.kinds import KINDS, OutputSpec
@@ -134,18 +136,6 @@ class LoraSpec(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
-class TrainOverrides(Strict):
-    """One task's own optimisation settings over the train section's (unset: the section's)."""
-
-    learning_rate: float | None = Field(None, gt=0)
-    max_steps: int | None = Field(None, ge=0)
-    epochs: float | None = Field(None, gt=0)
-    warmup_fraction: float | None = Field(None, ge=0, lt=1)
-    weight_decay: float | None = Field(None, ge=0)
-    lora: LoraSpec | None = None
-    early_stopping_patience: int | None = Field(None, ge=1)
-
-
 class TrainSpec(Strict):
     mode: Literal["auto", "qlora", "lora"] = Field(
         "auto", description="auto: on a GPU, LoRA in bf16 when the base fits comfortably (auto_lora_max_memory_share), "
@@ -204,6 +194,17 @@ class TrainSpec(Strict):
         "e.g. {sms_spam: {learning_rate: 4.0e-3}}: tasks differ in what recipe suits them")
 
 
+# The settings a task may set for itself: TrainSpec's own fields (types, bounds, descriptions), each optional.
+OVERRIDABLE = ("learning_rate", "max_steps", "epochs", "warmup_fraction", "weight_decay", "lora",
+               "early_stopping_patience")
+TrainOverrides = create_model(
+    "TrainOverrides", __base__=Strict,
+    __doc__="One task's own settings over the train section's (unset: the section's).",
+    **{name: (TrainSpec.model_fields[name].annotation | None,
+              FieldInfo.merge_field_infos(TrainSpec.model_fields[name], default=None)) for name in OVERRIDABLE})
+TrainSpec.model_rebuild()
+
+
 def _slice_name(name: str) -> str:
     if name != "input_length" and not (name.startswith("metadata.") and len(name) > len("metadata.")):
         raise ValueError(f"{name!r} is not a slice: use input_length or metadata.<field>")
@@ -218,8 +219,8 @@ class EvaluateSpec(Strict):
     batch_size: int = Field(48, ge=1)
     min_tuned_score: float = Field(0.5, ge=0, le=1, description="gate: tuned primary metric at least this")
     max_regression: float = Field(0.0, ge=0, le=1, description="gate: tuned may trail base by at most this")
-    compare_free: bool = Field(True, description="constrained tasks: also decode the tuned model without the grammar "
-                               "(tuned_free_* metrics); false saves that generation pass")
+    compare_free: bool = Field(False, description="true: constrained tasks' tuned model also decodes without the "
+                               "grammar (tuned_free_* metrics), one more generation pass")
     slices: list[SliceName] = Field(
         default_factory=lambda: ["input_length"], description="test rows grouped by each of these, the primary metric "
         "per group with its count and interval, the worst group named in the report: input_length (short, medium, "
@@ -251,7 +252,7 @@ QuantizationType = Annotated[str, AfterValidator(_llama_quantization)]
 class ExportSpec(Strict):
     quantizations: list[QuantizationType] = Field(
         default_factory=lambda: ["Q8_0", "Q4_K_M"], min_length=1, description="llama.cpp types, e.g. Q8_0, Q4_K_M")
-    max_rows: int = Field(160, ge=0, description="test rows each GGUF answers (0: all); fewer rows, wider intervals, "
+    max_rows: int = Field(80, ge=0, description="test rows each GGUF answers (0: all); fewer rows, wider intervals, "
                           "so the gate below fails a file less readily")
     parity_rows: int = Field(24, ge=1, description="test rows for next-token agreement and KL")
     gate_quantization: str = Field("smallest", description="'smallest': the gate vouches for (and serve runs) the "

@@ -18,7 +18,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneforge.core.chat import special_tokens_in
+from tuneforge.core.chat import function_call, special_tokens_in
 from tuneforge.core.params import TaskSpec
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -138,18 +138,9 @@ def _tool_turns_problem(messages: list[dict]) -> str:
 
 
 def _call_content(call: object) -> object:
-    """A tool call as content: its function's name and arguments (JSON text decoded); the call's id is a label
-    that differs between two runs of one conversation."""
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict):
-        return call
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            pass
-    return [function.get("name"), arguments]
+    """A tool call as content: its function's name and decoded arguments (the call itself when it has none)."""
+    function = function_call(call)
+    return call if function is None else [function["name"], function["arguments"]]
 
 
 def content_id(messages: list[dict]) -> str:

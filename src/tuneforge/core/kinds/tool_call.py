@@ -33,7 +33,7 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import Field, PrivateAttr, model_validator
 
-from tuneforge.core.chat import (PROBE_ARGUMENTS, PROBE_TOOL, assistant_turn, end_of_turn, probe_call,
+from tuneforge.core.chat import (PROBE_ARGUMENTS, PROBE_TOOL, assistant_turn, end_of_turn, function_call, probe_call,
                                  template_renders_tools)
 from tuneforge.core.kinds.base import INVALID, OutputKind, prf, rate, ratio
 from tuneforge.core.kinds.gbnf import gbnf_literal
@@ -379,16 +379,7 @@ class ToolCallOutput(OutputKind):
             if not m.get("tool_calls"):
                 out.append(dumps({"content": m["content"]}))
                 continue
-            calls = []
-            for call in m["tool_calls"]:
-                function = call.get("function", {})
-                arguments = function.get("arguments")
-                if isinstance(arguments, str):
-                    try:
-                        arguments = json.loads(arguments)
-                    except ValueError:
-                        pass
-                calls.append({"name": function.get("name"), "arguments": arguments})
+            calls = [function_call(call) or {"name": None, "arguments": None} for call in m["tool_calls"]]
             out.append(dumps({"content": m["content"], "tool_calls": calls} if m["content"]
                              else {"tool_calls": calls}))
         return out
