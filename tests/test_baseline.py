@@ -25,7 +25,6 @@ from tuneforge.stages.evaluate import (
     EvalResult,
     Generations,
     gate,
-    run_baseline,
 )
 
 PARAMS = load_params()
@@ -74,12 +73,20 @@ def test_tfidf_logistic_regression_answers_labels_scored_like_the_llm():
     assert scores["valid_label"] == 1.0 and scores["macro_f1"] > 0.85, scores["macro_f1"]
 
 
-def test_run_baseline_picks_the_output_kind():
+def test_each_kind_with_a_classical_model_answers_with_a_confidence():
+    """label and json_object fit a scikit-learn model whose answers are the baseline's and come with a confidence;
+    text's baseline is a rule with none."""
     data = records("sms_spam")[:400]
-    name, outputs, seconds = run_baseline(PARAMS.task("sms_spam"), data[:300], data[300:])
-    assert name.startswith("TF-IDF") and len(outputs) == 100 and seconds > 0
-    name, outputs, _ = run_baseline(PARAMS.task("address_json"), records("address_json")[:200], records("address_json")[:5])
-    assert "tagger" in name and all(isinstance(json.loads(o), dict) for o in outputs)
+    kind = PARAMS.task("sms_spam").output
+    model = kind.fit_classical(data[:300])
+    answers, confidence = kind.classical_answers(model, data[300:])
+    assert answers == kind.baseline(data[:300], data[300:]) and len(confidence) == 100
+    assert all(0.5 <= c <= 1 for c in confidence)  # the winning class's probability
+    kind = PARAMS.task("address_json").output
+    model = kind.fit_classical(records("address_json")[:200])
+    answers, confidence = kind.classical_answers(model, records("address_json")[:5])
+    assert all(isinstance(json.loads(o), dict) for o in answers) and all(c >= 0 for c in confidence)
+    assert PARAMS.task("email_subject").output.fit_classical(records("email_subject")[:50]) is None
 
 
 # --- Intervals on the classical baselines' real answers ---

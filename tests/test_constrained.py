@@ -135,6 +135,38 @@ def test_hf_generation_is_batched_and_stays_inside_the_grammar(base_model_dir, t
     assert parse_object(free.outputs[0]) is None  # the base model left free answers in prose
 
 
+@pytest.mark.slow  # generates with the model
+def test_an_answers_confidence_is_its_tokens_probability_under_the_raw_logits(base_model_dir, tokenizer):
+    """generate(confidence=True) records, while decoding under the grammar, each chosen token's probability under
+    the model's own (unmasked) logits: the geometric mean is what a teacher-forced pass over the same answer gives,
+    the computation a GGUF's logprobs repeat (core/router.py calibrates it)."""
+    import math
+
+    import torch
+    from transformers import LogitsProcessorList
+
+    from tuneforge.core.chat import prompt_text
+    from tuneforge.core.constraints import hf_logits_processor
+    from tuneforge.core.modeling import load_causal_lm
+    from tuneforge.stages.evaluate import generate
+
+    records = address_records(2)
+    model = load_causal_lm(base_model_dir, dtype=torch.float32, device="cpu")
+    out = generate(model, tokenizer, records, output=ADDRESS.output, batch_size=2, max_new_tokens=12,
+                   grammars=grammars_for(ADDRESS.output, records), confidence=True)
+    n_vocab = model.get_output_embeddings().weight.shape[0]
+    for record, answer_tokens, confidence in zip(records, out.output_tokens, out.confidences, strict=True):
+        enc = tokenizer(prompt_text(tokenizer, record["messages"]), add_special_tokens=False, return_tensors="pt")
+        grammar = LogitsProcessorList([hf_logits_processor(tokenizer, n_vocab, grammars_for(ADDRESS.output, [record]))])
+        ids = model.generate(**enc, do_sample=False, max_new_tokens=answer_tokens, min_new_tokens=answer_tokens,
+                             logits_processor=grammar, pad_token_id=tokenizer.pad_token_id)[0]
+        start = enc["input_ids"].shape[1]
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(ids[None]).logits[0].float(), -1)
+        teacher_forced = math.exp(float(log_probs[start - 1 : -1].gather(1, ids[start:, None]).mean()))
+        assert 0 < confidence <= 1 and teacher_forced == pytest.approx(confidence, rel=1e-3)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_grammar_masks_the_logits_of_a_model_on_the_gpu(tokenizer):

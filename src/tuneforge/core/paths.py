@@ -53,6 +53,12 @@ def adapter_dir(task: str) -> Path:
     return models_dir(task) / "adapter"
 
 
+def classical_dir(task: str) -> Path:
+    """The output kind's classical model (skops) and the router between it and the fine-tune (core/router.py),
+    written by the evaluation stage."""
+    return models_dir(task) / "classical"
+
+
 def checkpoint_dir(task: str) -> Path:
     """The train stage's last checkpoint, what a killed run resumes from."""
     return models_dir(task) / "checkpoints" / "last"

@@ -51,7 +51,7 @@ METRIC_NAMES = {"micro_f1": "micro-F1", "macro_f1": "macro-F1", "exact_match": "
 SHARES = {"exact_match", "accuracy", "valid_json", "valid_label", "valid_answer", "allowed_keys_only", "format_pass",
           "schema_valid", "invented_values", "tool_accuracy", "arguments_exact", "valid_call", "no_call_accuracy",
           "hallucination_rate", "drift_share", "invalid_fraction", "near_leakage_fraction", "pii_fraction",
-          "over_length_fraction"}
+          "over_length_fraction", "share"}  # "share": any other fraction shown as a percentage
 # The share of answers that fit the task's output contract (the output kind's answer_problem), for every kind.
 VALIDITY = "valid_answer"
 SERIES_COLORS = {"base": "#9aa0a6", "baseline": "#e0a030", "tuned": "#1f6feb"}
@@ -396,6 +396,8 @@ class TaskReport:
             rows.append(evaluated(f"fine-tuned {metric_name(plain)}", f"tuned_{plain}", plain, "higher"))
         if f"baseline_{primary}" in ev:
             rows.append(evaluated(f"classical baseline {metric_name(primary)}", f"baseline_{primary}", primary))
+        if f"routed_{primary}" in ev:
+            rows.append(evaluated(f"routed, fine-tune or classical {metric_name(primary)}", f"routed_{primary}", primary))
         rows += [
             evaluated(f"base model {metric_name(primary)}", f"base_{primary}", primary),
             Row("validation loss after training", tr.get("best_eval_loss"), old("train", "best_eval_loss"), better="lower"),
@@ -510,6 +512,27 @@ class TaskReport:
                        f"rows (other groups: {others}).")
         return out
 
+    def routing(self) -> str:
+        """What routing each request between the fine-tune and the classical model achieved on the test split
+        (evaluation stage, core/router.py), or "" where the task has no router."""
+        ev, metric = self.eval, self.primary
+        if f"routed_{metric}" not in ev:
+            return ""
+        name = metric_name(metric)
+        gain = self.interval("eval", f"routed_gain_{metric}")
+        better = "the fine-tune" if ev.get("routed_better_part") == "tuned" else "the classical model"
+        sentence = (f"Routing each request to the fine-tune or the classical model, whichever is expected to score "
+                    f"higher, scores {name} {with_interval(ev[f'routed_{metric}'], self.interval('eval', f'routed_{metric}'), metric)}"
+                    f" ({ev[f'routed_gain_{metric}']:+.3f} against {better} alone"
+                    + (f", paired 95% CI {gain.low:+.3f} to {gain.high:+.3f}" if gain else "")
+                    + f"; the fine-tune answers {fmt(ev.get('routed_fine_tune_share'), 'share')})")
+        answered = ev.get(f"routed_answered_{metric}")
+        if answered is not None:
+            sentence += (f"; deferring up to {fmt(ev.get('routed_max_deferral'), 'share')} to review defers "
+                         f"{fmt(ev.get('routed_deferred_share'), 'share')} of test requests and scores "
+                         f"{with_interval(answered, self.interval('eval', f'routed_answered_{metric}'), metric)} on the rest")
+        return sentence + ". `tuneforge serve` does not route yet: it answers with the fine-tune."
+
     def limitations(self) -> list[str]:
         """What a user should know before relying on the model, each from a measured number."""
         ev, ex, tr, out = self.eval, self.export, self.train, []
@@ -534,6 +557,8 @@ class TaskReport:
         if baseline is not None and ev.get(f"tuned_{self.primary}") is not None and baseline > ev[f"tuned_{self.primary}"]:
             out.append(f"A classical model without an LLM scores higher ({metric_name(self.primary)} {fmt(baseline)} against "
                        f"{fmt(ev[f'tuned_{self.primary}'])}).")
+        if self.routing():
+            out.append(self.routing())
         if tr.get("stop_reason") == "max_steps":
             out.append(f"Training stopped at its step budget ({tr.get('steps')} steps, {fmt(tr.get('train_examples'))} "
                        "training examples), not because the validation loss stopped improving.")

@@ -10,14 +10,22 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from tuneforge.core.batching import collate_padded, evaluate_loss, render_records
 from tuneforge.core.chat import prompt_text, stop_token_ids
 from tuneforge.core.constraints import grammars_for, hf_logits_processor
 from tuneforge.core.metrics import Interval, bootstrap_interval, paired_difference, score_outputs
 from tuneforge.core.kinds import OutputKind
-from tuneforge.core.params import EvaluateSpec, TaskSpec
+from tuneforge.core.params import EvaluateSpec, RouteSpec, TaskSpec
+from tuneforge.core.router import (
+    CLASSICAL,
+    FINE_TUNE,
+    Route,
+    Router,
+    expected_calibration_error,
+    selective_curve,
+)
 from tuneforge.core.slices import slice_metrics
 
 
@@ -27,15 +35,39 @@ class Generations:
     latency_s: list[float]  # per example: its batch's wall time / batch size
     output_tokens: list[int]
     tokens_per_second: float
+    # Per example: the geometric mean of its answer tokens' probabilities under the model's own logits (before the
+    # grammar masks them, as llama.cpp's logprobs read them): the fine-tune's raw confidence (core/router.py).
+    confidences: list[float] | None = None
+
+
+class _StepLogProbs(LogitsProcessor):
+    """Placed first: keeps each step's log-softmax of the logits as the model gave them."""
+
+    def __call__(self, input_ids, scores):
+        self.log_probs = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+
+class _ChosenLogProbs(LogitsProcessor):
+    """Placed last: the log-probability (under _StepLogProbs's logits) of the token greedy decoding takes, the
+    argmax of the scores as every processor before it left them (the grammar's mask among them)."""
+
+    def __init__(self, step: _StepLogProbs):
+        self.step, self.steps = step, []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(self.step.log_probs.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0].cpu())
+        return scores
 
 
 @torch.no_grad()
 def generate(model, tokenizer, records: list[dict], *, output: OutputKind, batch_size: int, max_new_tokens: int,
-             desc: str = "answers", grammars: list[str] | None = None) -> Generations:
+             desc: str = "answers", grammars: list[str] | None = None, confidence: bool = False) -> Generations:
     """Greedy, batched by prompt length, left-padded (so every prompt ends where generation starts); answers come
     back in record order, as the output kind (bound to the tokenizer) reads them. A progress bar named desc.
 
     grammars: one GBNF grammar a record (core.constraints); each row of a batch is masked by its own.
+    confidence: also each answer's raw confidence (Generations.confidences).
     """
     tokenizer.padding_side = "left"
     model.eval()
@@ -46,6 +78,7 @@ def generate(model, tokenizer, records: list[dict], *, output: OutputKind, batch
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(records)), key=lambda i: lengths[i])
     outputs, latency, n_tokens = [""] * len(records), [0.0] * len(records), [0] * len(records)
+    confidences = [0.0] * len(records)
     total_time = 0.0
     stops = stop_token_ids(tokenizer)
     bar = tqdm(total=len(records), desc=desc, unit="answer")
@@ -53,21 +86,29 @@ def generate(model, tokenizer, records: list[dict], *, output: OutputKind, batch
         batch = order[start_at : start_at + batch_size]
         enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         start = time.perf_counter()  # the grammars' set-up counts: a served request pays it too
-        constraint = (LogitsProcessorList([hf_logits_processor(tokenizer, n_vocab, [grammars[i] for i in batch])])
-                      if grammars is not None else None)
-        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, logits_processor=constraint,
+        processors = ([hf_logits_processor(tokenizer, n_vocab, [grammars[i] for i in batch])]
+                      if grammars is not None else [])
+        if confidence:
+            step = _StepLogProbs()
+            chosen = _ChosenLogProbs(step)
+            processors = [step, *processors, chosen]
+        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                             logits_processor=LogitsProcessorList(processors) if processors else None,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         elapsed = time.perf_counter() - start
         total_time += elapsed
-        for i, row in zip(batch, out[:, enc["input_ids"].shape[1]:]):
+        for j, (i, row) in enumerate(zip(batch, out[:, enc["input_ids"].shape[1]:])):
             ids = row.tolist()
             ids = ids[: next((k for k, t in enumerate(ids) if t in stops), len(ids))]
             outputs[i] = output.from_generation(tokenizer.decode(ids, skip_special_tokens=True).strip())
             n_tokens[i] = len(ids)
             latency[i] = elapsed / len(batch)
+            if confidence and ids:
+                confidences[i] = math.exp(sum(float(chosen.steps[s][j]) for s in range(len(ids))) / len(ids))
         bar.update(len(batch))
     bar.close()
-    return Generations(outputs, latency, n_tokens, sum(n_tokens) / max(total_time, 1e-9))
+    return Generations(outputs, latency, n_tokens, sum(n_tokens) / max(total_time, 1e-9),
+                       confidences if confidence else None)
 
 
 def perplexity(model, tokenizer, records: list[dict], max_seq_len: int, batch_size: int, output: OutputKind) -> float:
@@ -108,12 +149,48 @@ def gate(task: TaskSpec, spec: EvaluateSpec, summary: dict) -> list[str]:
     return failures
 
 
-def run_baseline(task: TaskSpec, train: list[dict], test: list[dict]) -> tuple[str, list[str], float]:
-    """(description, test answers, training + prediction seconds) of the output kind's classical baseline: what a
-    model without an LLM reaches on the same split, scored by the same code."""
-    start = time.perf_counter()
-    outputs = task.output.baseline(train, test)
-    return task.output.baseline_name, outputs, time.perf_counter() - start
+@dataclass
+class Routing:
+    """The classical model as an answerer beside the fine-tune (core/router.py): both calibrated on validation
+    rows, then each test request answered by the one expected to score higher, or deferred."""
+
+    router: Router
+    validation_rows: int
+    validation_ece: dict[str, float]     # calibrated confidence against score, per answerer, on validation
+    test_ece: dict[str, float]           # the same on the test rows (the calibration's check)
+    classical_confidences: list[float]   # raw, per test row
+    routes: list[Route]                  # per test row, at route.max_deferral
+    curve: list[dict]                    # coverage against the routed system's mean score (test)
+
+    @classmethod
+    def fit(cls, task: TaskSpec, route: RouteSpec, classical_model, validation: list[dict], tuned_validation:
+            Generations, test: list[dict], tuned_test: Generations, classical_test: list[str],
+            classical_test_confidences: list[float]) -> Routing:
+        kind = task.output
+        classical_validation, classical_validation_raw = kind.classical_answers(classical_model, validation)
+
+        def scores(records, outputs):
+            return [per_example(task, r, o)[0] for r, o in zip(records, outputs, strict=True)]
+
+        ft_val, cl_val = scores(validation, tuned_validation.outputs), scores(validation, classical_validation)
+        router = Router.fit(tuned_validation.confidences, ft_val, classical_validation_raw, cl_val, route.max_deferral)
+        ft_test, cl_test = scores(test, tuned_test.outputs), scores(test, classical_test)
+
+        def ece(calibration, raw, score):
+            return expected_calibration_error(calibration(raw), score)
+
+        routes = router.route(tuned_test.confidences, classical_test_confidences)
+        routed_scores = [f if r.answerer == FINE_TUNE else c for r, f, c in zip(routes, ft_test, cl_test, strict=True)]
+        return cls(router, len(validation),
+                   {FINE_TUNE: ece(router.fine_tune, tuned_validation.confidences, ft_val),
+                    CLASSICAL: ece(router.classical, classical_validation_raw, cl_val)},
+                   {FINE_TUNE: ece(router.fine_tune, tuned_test.confidences, ft_test),
+                    CLASSICAL: ece(router.classical, classical_test_confidences, cl_test)},
+                   classical_test_confidences, routes, selective_curve([r.confidence for r in routes], routed_scores))
+
+    def answered(self) -> list[int]:
+        """The test rows the routed system answers at route.max_deferral (the rest defer)."""
+        return [i for i, r in enumerate(self.routes) if not r.deferred]
 
 
 @dataclass
@@ -133,13 +210,21 @@ class EvalResult:
     baseline_seconds: float
     task: TaskSpec
     slices: list[str] = field(default_factory=list)  # evaluate.slices: the groups the tuned model is scored by
+    classical_model: object | None = None  # the baseline's fitted estimator, where the output kind has one (skops)
+    routing: Routing | None = None  # where that model can answer beside the fine-tune
 
     def outputs(self) -> dict[str, list[str]]:
-        """Each scored model's answers, by the name its metrics carry in eval.json."""
+        """Each scored model's answers, by the name its metrics carry in eval.json (routed: the routed system at 0%
+        deferral, every request answered by the answerer expected to score higher)."""
         out = {"base": self.base.outputs, "tuned": self.tuned.outputs}
         if self.tuned_free is not None:
             out["tuned_free"] = self.tuned_free.outputs
-        return {**out, "baseline": self.baseline_outputs}
+        out["baseline"] = self.baseline_outputs
+        if self.routing is not None:
+            out["routed"] = Router.answers(self.routing.router.route(self.tuned.confidences,
+                                                                     self.routing.classical_confidences, defer=False),
+                                           self.tuned.outputs, self.baseline_outputs)
+        return out
 
     def scores(self) -> dict[str, dict]:
         return {who: score_outputs(self.task, self.records, outputs) for who, outputs in self.outputs().items()}
@@ -181,6 +266,33 @@ class EvalResult:
         out["primary_metric"] = self.task.primary_metric
         out["constrained"] = self.constrained
         out["slices"] = slice_metrics(self.task, self.records, self.tuned.outputs, self.slices)
+        if self.routing is not None:
+            out.update(self.routing_summary())
+        return out
+
+    def routing_summary(self) -> dict:
+        """routed_*: the routed system at route.max_deferral: the deferred share, who answered the rest, and the
+        primary metric on the answered rows with its interval; each answerer's calibration error."""
+        routing, name = self.routing, self.task.primary_metric
+        answered = routing.answered()
+        out = {"routed_max_deferral": routing.router.max_deferral,
+               "routed_deferred_share": 1 - len(answered) / max(1, len(self.records)),
+               "routed_fine_tune_share": sum(r.answerer == FINE_TUNE for r in routing.routes) / max(1, len(self.records)),
+               "routing_validation_rows": routing.validation_rows}
+        outputs = self.outputs()
+        scores = self.scores()
+        better = max(("tuned", "baseline"), key=lambda who: scores[who][name])
+        out["routed_better_part"] = better
+        # What routing adds over the better of its two parts alone (paired on the same rows).
+        out.update(paired_difference(self.task, self.records, outputs["routed"], outputs[better],
+                                     name).to_metrics(f"routed_gain_{name}"))
+        if answered:
+            routed = outputs["routed"]
+            out.update(bootstrap_interval(self.task, [self.records[i] for i in answered],
+                                          [routed[i] for i in answered], name).to_metrics(f"routed_answered_{name}"))
+        for who in (FINE_TUNE, CLASSICAL):
+            out[f"{who}_validation_ece"] = routing.validation_ece[who]
+            out[f"{who}_test_ece"] = routing.test_ece[who]
         return out
 
     def prediction_rows(self) -> list[dict]:
@@ -195,15 +307,25 @@ class EvalResult:
                 row[f"{who}_score"], row[f"{who}_error"] = per_example(self.task, record, answers[i])
             row.update({"base_latency_s": self.base.latency_s[i], "tuned_latency_s": self.tuned.latency_s[i],
                         "tuned_output_tokens": self.tuned.output_tokens[i]})
+            if self.routing is not None:
+                route = self.routing.routes[i]
+                row.update({"tuned_confidence": self.tuned.confidences[i],
+                            "baseline_confidence": self.routing.classical_confidences[i],
+                            "routed_answerer": route.answerer, "routed_confidence": route.confidence,
+                            "routed_deferred": route.deferred})
             rows.append(row)
         return rows
 
 
 def run_evaluation(task: TaskSpec, spec: EvaluateSpec, max_seq_len: int, train: list[dict], test: list[dict],
-                   validation: list[dict], base_dir, adapter_dir, trust_remote_code: bool = False) -> EvalResult:
+                   validation: list[dict], base_dir, adapter_dir, trust_remote_code: bool = False,
+                   route: RouteSpec | None = None) -> EvalResult:
     """The classical baseline, then the base model, then the same weights with the adapter merged in (full
     precision): both under the task's decoding (constrained unless output.constrained is false), and the tuned
-    model once more freely when constrained (evaluate.compare_free), to show what the constraint changes."""
+    model once more freely when constrained (evaluate.compare_free), to show what the constraint changes.
+
+    Where the output kind's classical model gives confidences (kinds: fit_classical), the tuned model also answers
+    route.calibration_rows validation records, and a router between the two is fitted there (Routing)."""
     from peft import PeftModel
 
     from tuneforge.core.modeling import (
@@ -213,7 +335,14 @@ def run_evaluation(task: TaskSpec, spec: EvaluateSpec, max_seq_len: int, train: 
         pick_device,
     )
 
-    baseline_name, baseline_outputs, baseline_seconds = run_baseline(task, train, test)
+    route = route or RouteSpec()
+    start = time.perf_counter()
+    classical_model = task.output.fit_classical(train)
+    if classical_model is None:
+        baseline_outputs = task.output.baseline(train, test)
+    else:
+        baseline_outputs, classical_confidences = task.output.classical_answers(classical_model, test)
+    baseline_name, baseline_seconds = task.output.baseline_name, time.perf_counter() - start
     device = pick_device()
     tokenizer = load_tokenizer(base_dir)
     model = load_causal_lm(base_dir, dtype=compute_dtype(device), device=device, trust_remote_code=trust_remote_code)
@@ -223,9 +352,17 @@ def run_evaluation(task: TaskSpec, spec: EvaluateSpec, max_seq_len: int, train: 
     base = generate(model, tokenizer, test, desc="base model answers", grammars=grammars, **kw)
     base_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size, output)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    tuned = generate(model, tokenizer, test, desc="tuned model answers", grammars=grammars, **kw)
+    routed = classical_model is not None and route.calibration_rows > 0 and validation
+    tuned = generate(model, tokenizer, test, desc="tuned model answers", grammars=grammars, confidence=routed, **kw)
     tuned_free = (generate(model, tokenizer, test, desc="tuned model answers, no grammar", **kw)
                   if grammars is not None and spec.compare_free else None)
     tuned_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size, output)
+    routing = None
+    if routed:
+        calibration = validation[: route.calibration_rows]
+        tuned_validation = generate(model, tokenizer, calibration, desc="tuned model answers, validation",
+                                    grammars=grammars_for(output, calibration), confidence=True, **kw)
+        routing = Routing.fit(task, route, classical_model, calibration, tuned_validation, test, tuned,
+                              baseline_outputs, classical_confidences)
     return EvalResult(test, grammars is not None, base, tuned, tuned_free, base_ppl, tuned_ppl,
-                      baseline_name, baseline_outputs, baseline_seconds, task, spec.slices)
+                      baseline_name, baseline_outputs, baseline_seconds, task, spec.slices, classical_model, routing)

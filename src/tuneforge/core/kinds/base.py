@@ -166,8 +166,22 @@ class OutputKind(Strict):
 
     # --- the classical baseline ---
 
+    # The types beyond scikit-learn's that the kind's saved classical model may hold: skops loads nothing else
+    # (core/router.py), so a tampered file is refused rather than run.
+    classical_trusted: ClassVar[tuple[str, ...]] = ()
+
     def baseline(self, train: list[dict], test: list[dict]) -> list[str]:
         """A model without an LLM, fit on the train records: its answers to the test records."""
+        return self.classical_answers(self.fit_classical(train), test)[0]
+
+    def fit_classical(self, train: list[dict], seed: int = 0):
+        """The classical model as a fitted scikit-learn estimator, one that can answer beside the fine-tune (saved,
+        calibrated, routed to: core/router.py); None where the kind's baseline is a rule without a confidence."""
+        return None
+
+    def classical_answers(self, model, records: list[dict]) -> tuple[list[str], list[float]]:
+        """The fitted classical model's answers to records and a raw confidence each (higher: surer; calibrated
+        on the validation split before any use)."""
         raise NotImplementedError
 
     # --- derived: the same for every kind ---

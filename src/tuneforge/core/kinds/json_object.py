@@ -229,7 +229,9 @@ class JsonObjectOutput(OutputKind):
             counts.update(json.loads(answer).keys())
         return counts
 
-    def baseline(self, train: list[dict], test: list[dict], seed: int = 0) -> list[str]:
+    classical_trusted: ClassVar[tuple[str, ...]] = ("tuneforge.core.kinds.json_object._int32_indices",)
+
+    def fit_classical(self, train: list[dict], seed: int = 0):
         """A linear classifier over word features predicts each input word's key; the words of one key, in order,
         make its value (how usaddress itself parses, with a CRF there).
 
@@ -247,17 +249,29 @@ class JsonObjectOutput(OutputKind):
             y += word_tags(text, json.loads(self.reference(record)))
         model = make_pipeline(DictVectorizer(), FunctionTransformer(_int32_indices),
                               LinearSVC(C=1.0, max_iter=5000, random_state=seed))
-        model.fit(X, y)
-        outputs = []
-        for record in test:
+        return model.fit(X, y)
+
+    def classical_answers(self, model, records: list[dict]) -> tuple[list[str], list[float]]:
+        """The tagged words joined per key; the confidence is the weakest word's margin between its best and
+        second-best key (one doubtful word can spoil the object)."""
+        outputs, confidences = [], []
+        for record in records:
             text = self.input_text(record)
             words = _words(text)
             obj: dict[str, list[str]] = {}
-            for word, tag in zip(words, model.predict(word_features(text)) if words else [], strict=True):
-                if tag != NO_TAG:
-                    obj.setdefault(tag, []).append(word)
+            margin = 0.0
+            if words:
+                scores = np.atleast_2d(model.decision_function(word_features(text)))
+                if scores.shape[1] == 1:  # two classes: one signed score a word
+                    scores = np.hstack([-scores, scores])
+                top2 = np.sort(scores, axis=1)[:, -2:]
+                margin = float((top2[:, 1] - top2[:, 0]).min())
+                for word, tag in zip(words, model.classes_[scores.argmax(axis=1)], strict=True):
+                    if tag != NO_TAG:
+                        obj.setdefault(tag, []).append(word)
             outputs.append(json.dumps({k: " ".join(v) for k, v in obj.items()}, ensure_ascii=False))
-        return outputs
+            confidences.append(margin)
+        return outputs, confidences
 
 
 # --- the tagger baseline's features ---

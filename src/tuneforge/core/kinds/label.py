@@ -106,7 +106,7 @@ class LabelOutput(OutputKind):
     def answer_balance(self, answers: Sequence[str]) -> Counter:
         return Counter(answers)
 
-    def baseline(self, train: list[dict], test: list[dict], seed: int = 0) -> list[str]:
+    def fit_classical(self, train: list[dict], seed: int = 0):
         """TF-IDF over word 1-2-grams and character 2-5-grams, then logistic regression."""
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
@@ -116,5 +116,12 @@ class LabelOutput(OutputKind):
             make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
                        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)),
             LogisticRegression(C=10, max_iter=2000, random_state=seed))  # C=10: TF-IDF features are small and many
-        model.fit([self.input_text(r) for r in train], [self.reference(r) for r in train])
-        return list(model.predict([self.input_text(r) for r in test]))
+        return model.fit([self.input_text(r) for r in train], [self.reference(r) for r in train])
+
+    def classical_answers(self, model, records: list[dict]) -> tuple[list[str], list[float]]:
+        """The most probable label and its probability."""
+        if not records:
+            return [], []
+        proba = model.predict_proba([self.input_text(r) for r in records])
+        best = proba.argmax(axis=1)
+        return [str(model.classes_[i]) for i in best], proba.max(axis=1).tolist()

@@ -1,0 +1,181 @@
+"""Routing a task's requests between its answerers: the fine-tune and the classical model.
+
+Every task trains two models: the LoRA fine-tune and its output kind's classical model (kinds: fit_classical). Each
+gives a raw confidence with its answer: the fine-tune the geometric mean of its answer tokens' probabilities
+(under the raw logits, as llama.cpp's logprobs read them), the classical model its own score (a class probability,
+a tagger's weakest margin). Raw confidences are not comparable across models, so each is calibrated on the
+validation split into the answer's expected score (isotonic regression against the output kind's per-example
+score); the router then answers with the model expected to score higher, and defers (to review) when neither is
+expected to score well enough. The threshold is set on validation so that at most `route.max_deferral` of
+requests defer.
+
+The evaluation stage fits the router and saves it beside the classical model (`models/<task>/classical/`): the
+estimator through skops (no pickle: a file holding a type the output kind does not trust is refused), the router
+as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+FINE_TUNE, CLASSICAL = "fine_tune", "classical"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A monotone map from one answerer's raw confidence to its expected score, as isotonic regression's
+    breakpoints (x ascending, y non-decreasing; clipped at both ends): plain JSON, read the same everywhere."""
+
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, raw: Sequence[float], score: Sequence[float]) -> Calibration:
+        from sklearn.isotonic import IsotonicRegression
+
+        if len(raw) == 0:
+            raise ValueError("calibration needs at least one validation answer")
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(np.asarray(raw, float),
+                                                                                 np.asarray(score, float))
+        return cls(tuple(map(float, iso.X_thresholds_)), tuple(map(float, iso.y_thresholds_)))
+
+    def __call__(self, raw: Sequence[float]) -> np.ndarray:
+        return np.interp(np.asarray(raw, float), self.x, self.y)
+
+
+def expected_calibration_error(confidence: Sequence[float], score: Sequence[float], bins: int = 10) -> float:
+    """How far calibrated confidence is from the score it promises: the row-weighted mean |mean confidence - mean
+    score| over equal-width confidence bins."""
+    confidence, score = np.asarray(confidence, float), np.asarray(score, float)
+    if len(confidence) == 0:
+        return float("nan")
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    return float(sum(abs(confidence[which == b].mean() - score[which == b].mean()) * (which == b).sum()
+                     for b in range(bins) if (which == b).any()) / len(confidence))
+
+
+def selective_curve(confidence: Sequence[float], score: Sequence[float], points: int = 20) -> list[dict]:
+    """Coverage against mean score when only the most confident answers are kept (selective prediction): one row
+    per coverage step, the chart in the evaluation report."""
+    order = np.argsort(-np.asarray(confidence, float), kind="stable")
+    ranked = np.asarray(score, float)[order]
+    n = len(ranked)
+    rows = []
+    for k in sorted({max(1, round(n * (i + 1) / points)) for i in range(points)}):
+        rows.append({"coverage": k / n, "mean_score": float(ranked[:k].mean()), "rows": k})
+    return rows
+
+
+@dataclass(frozen=True)
+class Route:
+    """One request's routing: who answers, how sure (calibrated expected score), and whether it is deferred."""
+
+    answerer: str
+    confidence: float
+    deferred: bool
+
+
+@dataclass(frozen=True)
+class Router:
+    """The routing policy of one task, fitted on its validation split."""
+
+    fine_tune: Calibration
+    classical: Calibration
+    defer_below: float      # calibrated confidence under which a request is deferred (-inf: never)
+    max_deferral: float     # route.max_deferral it was fitted for
+    prefer: str             # the answerer taken when both are expected to score the same (the better on validation)
+
+    @classmethod
+    def fit(cls, fine_tune_raw: Sequence[float], fine_tune_score: Sequence[float], classical_raw: Sequence[float],
+            classical_score: Sequence[float], max_deferral: float) -> Router:
+        fine_tune, classical = Calibration.fit(fine_tune_raw, fine_tune_score), Calibration.fit(classical_raw,
+                                                                                                classical_score)
+        prefer = FINE_TUNE if np.mean(fine_tune_score) >= np.mean(classical_score) else CLASSICAL
+        best = np.maximum(fine_tune(fine_tune_raw), classical(classical_raw))
+        # Defer the rows strictly below the k-th lowest confidence: at most max_deferral of validation defers (ties at
+        # the threshold are all kept, so fewer may).
+        k = int(np.floor(max_deferral * len(best)))
+        defer_below = float(np.sort(best)[k]) if k > 0 else float("-inf")
+        return cls(fine_tune, classical, defer_below, max_deferral, prefer)
+
+    def route(self, fine_tune_raw: Sequence[float], classical_raw: Sequence[float], defer: bool = True) -> list[Route]:
+        """Each row's route. defer=False: never defer (the routed system at 0% deferral)."""
+        ft, cl = self.fine_tune(fine_tune_raw), self.classical(classical_raw)
+        routes = []
+        for a, b in zip(ft.tolist(), cl.tolist(), strict=True):
+            answerer = (FINE_TUNE if a > b else CLASSICAL if b > a else self.prefer)
+            confidence = max(a, b)
+            routes.append(Route(answerer, confidence, defer and confidence < self.defer_below))
+        return routes
+
+    @staticmethod
+    def answers(routes: Sequence[Route], fine_tune: Sequence[str], classical: Sequence[str]) -> list[str]:
+        """The routed system's answers: each row's chosen answerer's (a deferred row keeps its best guess, which
+        the report scores apart)."""
+        return [f if r.answerer == FINE_TUNE else c for r, f, c in zip(routes, fine_tune, classical, strict=True)]
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["defer_below"] = None if self.defer_below == float("-inf") else self.defer_below
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> Router:
+        return cls(Calibration(tuple(data["fine_tune"]["x"]), tuple(data["fine_tune"]["y"])),
+                   Calibration(tuple(data["classical"]["x"]), tuple(data["classical"]["y"])),
+                   float("-inf") if data["defer_below"] is None else float(data["defer_below"]),
+                   float(data["max_deferral"]), data["prefer"])
+
+
+# --- the saved classical model and router ---
+
+CLASSICAL_FILE, ROUTER_FILE = "model.skops", "router.json"
+
+
+def save_classical(folder: Path, model, router: Router | None, why_none: str = "") -> None:
+    """The fitted estimator through skops (no pickle) and the router as JSON; where the output kind has no
+    classical model that gives a confidence, a README saying so (why_none) and nothing else."""
+    import shutil
+
+    import skops.io as sio
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if model is None:
+        (folder / "README.md").write_text(f"No classical model to route to: {why_none}\n", encoding="utf-8")
+        return
+    sio.dump(model, folder / CLASSICAL_FILE)
+    if router is not None:
+        (folder / ROUTER_FILE).write_text(json.dumps(router.to_json(), indent=1) + "\n", encoding="utf-8")
+
+
+class UntrustedModelError(ValueError):
+    """A saved classical model holds types its output kind does not trust (or is not a skops file at all)."""
+
+
+def load_classical(folder: Path, trusted: Sequence[str]):
+    """The saved estimator, loaded only if it holds nothing beyond scikit-learn's types and the kind's `trusted`
+    ones: skops rebuilds objects from a declared schema and never unpickles, so a tampered file is refused here
+    instead of running its code."""
+    import skops.io as sio
+
+    path = folder / CLASSICAL_FILE
+    try:
+        untrusted = sorted(set(sio.get_untrusted_types(file=path)) - set(trusted))
+    except Exception as err:  # skops raises whatever its zip and JSON readers do on a file that is not its own
+        raise UntrustedModelError(f"{path} is not a readable skops file ({type(err).__name__}: {err}); refit it "
+                                  "with `dvc repro` (the evaluation stage saves it)") from err
+    if untrusted:
+        raise UntrustedModelError(f"{path} holds types tuneforge does not trust: {untrusted}; refusing to load it "
+                                  "(a file edited or replaced by hand? refit it with `dvc repro`)")
+    return sio.load(path, trusted=list(trusted) or None)
+
+
+def load_router(folder: Path) -> Router | None:
+    path = folder / ROUTER_FILE
+    return Router.from_json(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
