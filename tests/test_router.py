@@ -73,7 +73,7 @@ def test_the_router_beats_both_answerers_and_defers_at_most_its_share():
 def test_no_deferral_when_max_deferral_is_zero_and_ties_go_to_the_better_answerer():
     ft_raw, ft_right, cl_raw, cl_right = two_experts(400, 0)
     router = Router.fit(ft_raw, ft_right, cl_raw, np.zeros_like(cl_right), max_deferral=0.0)
-    assert router.defer_below == float("-inf") and router.prefer == FINE_TUNE
+    assert router.defer_below is None and router.prefer == FINE_TUNE
     assert not any(r.deferred for r in router.route(ft_raw, cl_raw))
     flat = Router.fit([0.5, 0.6], [1.0, 1.0], [1.0, 2.0], [1.0, 1.0], 0.0)  # both always right: a tie everywhere
     assert {r.answerer for r in flat.route([0.1, 0.9], [0.1, 5.0])} == {flat.prefer}
@@ -128,3 +128,43 @@ def test_a_tampered_classical_model_is_refused_not_run(tmp_path, sms_classical):
     (tmp_path / "model.skops").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(UntrustedModelError, match="is not a readable skops file"):
         load_classical(tmp_path, kind.classical_trusted)
+
+
+def address(i: int, text: str, answer: dict) -> dict:
+    return {"id": str(i), "messages": [{"role": "user", "content": text},
+                                       {"role": "assistant", "content": json.dumps(answer)}]}
+
+
+def test_the_word_tagger_round_trips_through_skops_with_its_one_trusted_function(tmp_path):
+    """json_object's tagger holds a function of tuneforge's own (the 32-bit index cast): the kind trusts exactly it."""
+    kind = load_params().task("address_json").output
+    train = [address(i, f"{n} Main St", {"AddressNumber": str(n), "StreetName": "Main", "StreetNamePostType": "St"})
+             for i, n in enumerate(range(100, 130))]
+    model = kind.fit_classical(train)
+    save_classical(tmp_path, model, None)
+    probe = [address(0, "451 Main St", {"AddressNumber": "451"})]
+    assert kind.classical_answers(load_classical(tmp_path, kind.classical_trusted), probe) == kind.classical_answers(
+        model, probe)
+    with pytest.raises(UntrustedModelError, match="_int32_indices"):
+        load_classical(tmp_path, ())
+
+
+def test_a_tagger_with_two_classes_answers_every_word():
+    """With one key and untagged words the linear model has two classes and one signed score a word."""
+    kind = load_params().task("address_json").output
+    train = [address(i, f"{n} plus words", {"AddressNumber": str(n)}) for i, n in enumerate(range(100, 130))]
+    model = kind.fit_classical(train)
+    assert len(model.classes_) == 2
+    answers, confidence = kind.classical_answers(model, [address(0, "777 plus words", {"AddressNumber": "777"})])
+    assert json.loads(answers[0]) == {"AddressNumber": "777"} and confidence[0] > 0
+
+
+def test_flat_calibration_still_defers_the_least_sure_share():
+    """Isotonic steps leave ties (here every answer scored 1, so every calibrated confidence is 1): the rank of the
+    raw confidence among validation's breaks them, and the least sure max_deferral of validation defers."""
+    rng = np.random.default_rng(0)
+    ft_raw, cl_raw = rng.uniform(0, 1, 400), rng.uniform(0, 5, 400)
+    router = Router.fit(ft_raw, np.ones(400), cl_raw, np.ones(400), max_deferral=0.05)
+    routes = router.route(ft_raw, cl_raw)
+    assert sum(r.deferred for r in routes) == 20
+    assert max(raw for raw, r in zip(ft_raw, routes) if r.deferred) < np.quantile(ft_raw, 0.1)

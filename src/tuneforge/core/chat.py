@@ -125,20 +125,24 @@ def probe_call(arguments: dict = PROBE_ARGUMENTS) -> dict:
     return {"type": "function", "function": {"name": "__probe__", "arguments": arguments}}
 
 
+def decoded_arguments(arguments: object) -> object:
+    """A tool call's arguments as an object where they came as JSON text (OpenAI's wire format, some models' too);
+    text that is not JSON stays text, for the output kind to name."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            pass
+    return arguments
+
+
 def function_call(call: object) -> dict | None:
-    """An OpenAI tool call's function as {"name", "arguments"}, the arguments' JSON text decoded (text that is not
-    JSON stays text, for the output kind to name); None when the call holds no function object. The call's id is
-    left out: it is a label that differs between two runs of one conversation."""
+    """An OpenAI tool call's function as {"name", "arguments"}, the arguments decoded; None when the call holds no
+    function object. The call's id is left out: it is a label that differs between two runs of one conversation."""
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict):
         return None
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            pass
-    return {"name": function.get("name"), "arguments": arguments}
+    return {"name": function.get("name"), "arguments": decoded_arguments(function.get("arguments"))}
 
 
 def template_renders_tools(tokenizer) -> str:

@@ -25,7 +25,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 
 from tuneforge.core.fields import Strict
 from tuneforge.core.kinds import KINDS, OutputSpec
@@ -195,14 +194,20 @@ class TrainSpec(Strict):
         "e.g. {sms_spam: {learning_rate: 4.0e-3}}: tasks differ in what recipe suits them")
 
 
+def _optional(field) -> tuple:
+    """A field's type with its bounds, made optional (None: unset), for create_model."""
+    annotation = field.annotation | None
+    return (Annotated[(annotation, *field.metadata)] if field.metadata else annotation,
+            Field(None, description=field.description))
+
+
 # The settings a task may set for itself: TrainSpec's own fields (types, bounds, descriptions), each optional.
 OVERRIDABLE = ("learning_rate", "max_steps", "epochs", "warmup_fraction", "weight_decay", "lora",
                "early_stopping_patience")
 TrainOverrides = create_model(
     "TrainOverrides", __base__=Strict,
     __doc__="One task's own settings over the train section's (unset: the section's).",
-    **{name: (TrainSpec.model_fields[name].annotation | None,
-              FieldInfo.merge_field_infos(TrainSpec.model_fields[name], default=None)) for name in OVERRIDABLE})
+    **{name: _optional(TrainSpec.model_fields[name]) for name in OVERRIDABLE})
 TrainSpec.model_rebuild()
 
 

@@ -29,10 +29,12 @@ FINE_TUNE, CLASSICAL = "fine_tune", "classical"
 @dataclass(frozen=True)
 class Calibration:
     """A monotone map from one answerer's raw confidence to its expected score, as isotonic regression's
-    breakpoints (x ascending, y non-decreasing; clipped at both ends): plain JSON, read the same everywhere."""
+    breakpoints (x ascending, y non-decreasing; clipped at both ends), and the validation confidences it was fitted
+    on (sorted): plain JSON, read the same everywhere."""
 
     x: tuple[float, ...]
     y: tuple[float, ...]
+    raw: tuple[float, ...]
 
     @classmethod
     def fit(cls, raw: Sequence[float], score: Sequence[float]) -> Calibration:
@@ -42,10 +44,16 @@ class Calibration:
             raise ValueError("calibration needs at least one validation answer")
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(np.asarray(raw, float),
                                                                                  np.asarray(score, float))
-        return cls(tuple(map(float, iso.X_thresholds_)), tuple(map(float, iso.y_thresholds_)))
+        return cls(tuple(map(float, iso.X_thresholds_)), tuple(map(float, iso.y_thresholds_)),
+                   tuple(sorted(map(float, raw))))
 
     def __call__(self, raw: Sequence[float]) -> np.ndarray:
         return np.interp(np.asarray(raw, float), self.x, self.y)
+
+    def rank(self, raw: Sequence[float]) -> np.ndarray:
+        """Where each raw confidence falls among the validation ones (0: below all, 1: at or above all): breaks the
+        ties that isotonic regression's flat steps leave, so that the least sure answers can be told apart."""
+        return np.searchsorted(self.raw, np.asarray(raw, float), side="right") / len(self.raw)
 
 
 def expected_calibration_error(confidence: Sequence[float], score: Sequence[float], bins: int = 10) -> float:
@@ -65,6 +73,8 @@ def selective_curve(confidence: Sequence[float], score: Sequence[float], points:
     order = np.argsort(-np.asarray(confidence, float), kind="stable")
     ranked = np.asarray(score, float)[order]
     n = len(ranked)
+    if n == 0:
+        return []
     rows = []
     for k in sorted({max(1, round(n * (i + 1) / points)) for i in range(points)}):
         rows.append({"coverage": k / n, "mean_score": float(ranked[:k].mean()), "rows": k})
@@ -86,7 +96,9 @@ class Router:
 
     fine_tune: Calibration
     classical: Calibration
-    defer_below: float      # calibrated confidence under which a request is deferred (-inf: never)
+    # A request is deferred when its (calibrated confidence, rank of the chosen answerer's raw confidence) sorts
+    # below this pair; None: never.
+    defer_below: tuple[float, float] | None
     max_deferral: float     # route.max_deferral it was fitted for
     prefer: str             # the answerer taken when both are expected to score the same (the better on validation)
 
@@ -96,40 +108,49 @@ class Router:
         fine_tune, classical = Calibration.fit(fine_tune_raw, fine_tune_score), Calibration.fit(classical_raw,
                                                                                                 classical_score)
         prefer = FINE_TUNE if np.mean(fine_tune_score) >= np.mean(classical_score) else CLASSICAL
-        best = np.maximum(fine_tune(fine_tune_raw), classical(classical_raw))
-        # Defer the rows strictly below the k-th lowest confidence: at most max_deferral of validation defers (ties at
-        # the threshold are all kept, so fewer may).
-        k = int(np.floor(max_deferral * len(best)))
-        defer_below = float(np.sort(best)[k]) if k > 0 else float("-inf")
-        return cls(fine_tune, classical, defer_below, max_deferral, prefer)
+        router = cls(fine_tune, classical, None, max_deferral, prefer)
+        # Defer the rows that sort strictly below the k-th lowest: at most max_deferral of validation defers.
+        k = int(np.floor(max_deferral * len(fine_tune_raw)))
+        if k > 0:
+            ordered = sorted(key[1:] for key in router._keys(fine_tune_raw, classical_raw))
+            router = cls(fine_tune, classical, ordered[k], max_deferral, prefer)
+        return router
+
+    def _keys(self, fine_tune_raw: Sequence[float], classical_raw: Sequence[float]) -> list[tuple[str, float, float]]:
+        """Per row: (answerer, calibrated confidence, rank of its raw confidence) for the answerer expected to score
+        higher; the last two order requests from least to most sure."""
+        ft, cl = self.fine_tune(fine_tune_raw), self.classical(classical_raw)
+        ft_rank, cl_rank = self.fine_tune.rank(fine_tune_raw), self.classical.rank(classical_raw)
+        keys = []
+        for a, b, ra, rb in zip(ft.tolist(), cl.tolist(), ft_rank.tolist(), cl_rank.tolist(), strict=True):
+            answerer = FINE_TUNE if a > b else CLASSICAL if b > a else self.prefer
+            keys.append((answerer, a, ra) if answerer == FINE_TUNE else (answerer, b, rb))
+        return keys
 
     def route(self, fine_tune_raw: Sequence[float], classical_raw: Sequence[float], defer: bool = True) -> list[Route]:
         """Each row's route. defer=False: never defer (the routed system at 0% deferral)."""
-        ft, cl = self.fine_tune(fine_tune_raw), self.classical(classical_raw)
-        routes = []
-        for a, b in zip(ft.tolist(), cl.tolist(), strict=True):
-            answerer = (FINE_TUNE if a > b else CLASSICAL if b > a else self.prefer)
-            confidence = max(a, b)
-            routes.append(Route(answerer, confidence, defer and confidence < self.defer_below))
-        return routes
+        return [Route(answerer, confidence, defer and self.defer_below is not None
+                      and (confidence, rank) < tuple(self.defer_below))
+                for answerer, confidence, rank in self._keys(fine_tune_raw, classical_raw)]
 
     @staticmethod
-    def answers(routes: Sequence[Route], fine_tune: Sequence[str], classical: Sequence[str]) -> list[str]:
-        """The routed system's answers: each row's chosen answerer's (a deferred row keeps its best guess, which
-        the report scores apart)."""
+    def answers(routes: Sequence[Route], fine_tune: Sequence, classical: Sequence) -> list:
+        """Per row, the chosen answerer's item (its answer, or its score): a deferred row keeps its answerer's, so
+        this is the routed system at 0% deferral; the report scores the deferred rows apart."""
         return [f if r.answerer == FINE_TUNE else c for r, f, c in zip(routes, fine_tune, classical, strict=True)]
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        out["defer_below"] = None if self.defer_below == float("-inf") else self.defer_below
-        return out
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> Router:
-        return cls(Calibration(tuple(data["fine_tune"]["x"]), tuple(data["fine_tune"]["y"])),
-                   Calibration(tuple(data["classical"]["x"]), tuple(data["classical"]["y"])),
-                   float("-inf") if data["defer_below"] is None else float(data["defer_below"]),
-                   float(data["max_deferral"]), data["prefer"])
+        def calibration(d: dict) -> Calibration:
+            return Calibration(tuple(d["x"]), tuple(d["y"]), tuple(d["raw"]))
+
+        below = data["defer_below"]
+        return cls(calibration(data["fine_tune"]), calibration(data["classical"]),
+                   None if below is None else (float(below[0]), float(below[1])), float(data["max_deferral"]),
+                   data["prefer"])
 
 
 # --- the saved classical model and router ---
@@ -173,7 +194,11 @@ def load_classical(folder: Path, trusted: Sequence[str]):
     if untrusted:
         raise UntrustedModelError(f"{path} holds types tuneforge does not trust: {untrusted}; refusing to load it "
                                   "(a file edited or replaced by hand? refit it with `dvc repro`)")
-    return sio.load(path, trusted=list(trusted) or None)
+    try:
+        return sio.load(path, trusted=list(trusted) or None)
+    except Exception as err:  # e.g. saved by another scikit-learn or skops version than this one
+        raise UntrustedModelError(f"{path} could not be loaded ({type(err).__name__}: {err}); refit it with "
+                                  "`dvc repro`") from err
 
 
 def load_router(folder: Path) -> Router | None:

@@ -557,8 +557,6 @@ class TaskReport:
         if baseline is not None and ev.get(f"tuned_{self.primary}") is not None and baseline > ev[f"tuned_{self.primary}"]:
             out.append(f"A classical model without an LLM scores higher ({metric_name(self.primary)} {fmt(baseline)} against "
                        f"{fmt(ev[f'tuned_{self.primary}'])}).")
-        if self.routing():
-            out.append(self.routing())
         if tr.get("stop_reason") == "max_steps":
             out.append(f"Training stopped at its step budget ({tr.get('steps')} steps, {fmt(tr.get('train_examples'))} "
                        "training examples), not because the validation loss stopped improving.")

@@ -35,13 +35,14 @@ class Generations:
     latency_s: list[float]  # per example: its batch's wall time / batch size
     output_tokens: list[int]
     tokens_per_second: float
-    # Per example: the geometric mean of its answer tokens' probabilities under the model's own logits (before the
-    # grammar masks them, as llama.cpp's logprobs read them): the fine-tune's raw confidence (core/router.py).
+    # Per example: the geometric mean of its answer tokens' probabilities under the model's logits before the grammar
+    # masks them (after generate's own processors, e.g. a base's repetition_penalty): the fine-tune's raw confidence
+    # (core/router.py).
     confidences: list[float] | None = None
 
 
 class _StepLogProbs(LogitsProcessor):
-    """Placed first: keeps each step's log-softmax of the logits as the model gave them."""
+    """Placed before the grammar: keeps each step's log-softmax of the logits it is given."""
 
     def __call__(self, input_ids, scores):
         self.log_probs = torch.log_softmax(scores.float(), dim=-1)
@@ -56,7 +57,8 @@ class _ChosenLogProbs(LogitsProcessor):
         self.step, self.steps = step, []
 
     def __call__(self, input_ids, scores):
-        self.steps.append(self.step.log_probs.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0].cpu())
+        # Left on the device: one copy to the host after generate() instead of a sync every step.
+        self.steps.append(self.step.log_probs.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0])
         return scores
 
 
@@ -97,6 +99,7 @@ def generate(model, tokenizer, records: list[dict], *, output: OutputKind, batch
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         elapsed = time.perf_counter() - start
         total_time += elapsed
+        chosen_log_probs = torch.stack(chosen.steps).cpu() if confidence else None  # (steps, rows)
         for j, (i, row) in enumerate(zip(batch, out[:, enc["input_ids"].shape[1]:])):
             ids = row.tolist()
             ids = ids[: next((k for k, t in enumerate(ids) if t in stops), len(ids))]
@@ -104,7 +107,7 @@ def generate(model, tokenizer, records: list[dict], *, output: OutputKind, batch
             n_tokens[i] = len(ids)
             latency[i] = elapsed / len(batch)
             if confidence and ids:
-                confidences[i] = math.exp(sum(float(chosen.steps[s][j]) for s in range(len(ids))) / len(ids))
+                confidences[i] = math.exp(float(chosen_log_probs[: len(ids), j].mean()))
         bar.update(len(batch))
     bar.close()
     return Generations(outputs, latency, n_tokens, sum(n_tokens) / max(total_time, 1e-9),
@@ -156,8 +159,9 @@ class Routing:
 
     router: Router
     validation_rows: int
-    validation_ece: dict[str, float]     # calibrated confidence against score, per answerer, on validation
-    test_ece: dict[str, float]           # the same on the test rows (the calibration's check)
+    # Calibrated confidence against score, per answerer, on the test rows: the calibration's check (on the validation
+    # rows it was fitted to, isotonic regression is near 0 by construction).
+    test_ece: dict[str, float]
     classical_confidences: list[float]   # raw, per test row
     routes: list[Route]                  # per test row, at route.max_deferral
     curve: list[dict]                    # coverage against the routed system's mean score (test)
@@ -180,10 +184,8 @@ class Routing:
             return expected_calibration_error(calibration(raw), score)
 
         routes = router.route(tuned_test.confidences, classical_test_confidences)
-        routed_scores = [f if r.answerer == FINE_TUNE else c for r, f, c in zip(routes, ft_test, cl_test, strict=True)]
+        routed_scores = Router.answers(routes, ft_test, cl_test)
         return cls(router, len(validation),
-                   {FINE_TUNE: ece(router.fine_tune, tuned_validation.confidences, ft_val),
-                    CLASSICAL: ece(router.classical, classical_validation_raw, cl_val)},
                    {FINE_TUNE: ece(router.fine_tune, tuned_test.confidences, ft_test),
                     CLASSICAL: ece(router.classical, classical_test_confidences, cl_test)},
                    classical_test_confidences, routes, selective_curve([r.confidence for r in routes], routed_scores))
@@ -196,7 +198,8 @@ class Routing:
 @dataclass
 class EvalResult:
     """Every model's answers on the same test records. tuned is decoded as the task says (constrained by
-    default); tuned_free is the same model decoding freely, present when the task is constrained."""
+    default); tuned_free is the same model decoding freely, present when the task is constrained and
+    evaluate.compare_free is on."""
 
     records: list[dict]
     constrained: bool
@@ -220,10 +223,8 @@ class EvalResult:
         if self.tuned_free is not None:
             out["tuned_free"] = self.tuned_free.outputs
         out["baseline"] = self.baseline_outputs
-        if self.routing is not None:
-            out["routed"] = Router.answers(self.routing.router.route(self.tuned.confidences,
-                                                                     self.routing.classical_confidences, defer=False),
-                                           self.tuned.outputs, self.baseline_outputs)
+        if self.routing is not None:  # a deferred row keeps its answerer's answer: this is 0% deferral
+            out["routed"] = Router.answers(self.routing.routes, self.tuned.outputs, self.baseline_outputs)
         return out
 
     def scores(self) -> dict[str, dict]:
@@ -291,8 +292,7 @@ class EvalResult:
             out.update(bootstrap_interval(self.task, [self.records[i] for i in answered],
                                           [routed[i] for i in answered], name).to_metrics(f"routed_answered_{name}"))
         for who in (FINE_TUNE, CLASSICAL):
-            out[f"{who}_validation_ece"] = routing.validation_ece[who]
-            out[f"{who}_test_ece"] = routing.test_ece[who]
+            out[f"{who}_calibration_error"] = routing.test_ece[who]
         return out
 
     def prediction_rows(self) -> list[dict]:
@@ -352,7 +352,7 @@ def run_evaluation(task: TaskSpec, spec: EvaluateSpec, max_seq_len: int, train: 
     base = generate(model, tokenizer, test, desc="base model answers", grammars=grammars, **kw)
     base_ppl = perplexity(model, tokenizer, validation, max_seq_len, spec.batch_size, output)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    routed = classical_model is not None and route.calibration_rows > 0 and validation
+    routed = classical_model is not None and route.calibration_rows > 0 and bool(validation)
     tuned = generate(model, tokenizer, test, desc="tuned model answers", grammars=grammars, confidence=routed, **kw)
     tuned_free = (generate(model, tokenizer, test, desc="tuned model answers, no grammar", **kw)
                   if grammars is not None and spec.compare_free else None)

@@ -261,9 +261,9 @@ class JsonObjectOutput(OutputKind):
             obj: dict[str, list[str]] = {}
             margin = 0.0
             if words:
-                scores = np.atleast_2d(model.decision_function(word_features(text)))
-                if scores.shape[1] == 1:  # two classes: one signed score a word
-                    scores = np.hstack([-scores, scores])
+                scores = model.decision_function(word_features(text))
+                if scores.ndim == 1:  # two classes: one signed score a word, positive for classes_[1]
+                    scores = np.column_stack([-scores, scores])
                 top2 = np.sort(scores, axis=1)[:, -2:]
                 margin = float((top2[:, 1] - top2[:, 0]).min())
                 for word, tag in zip(words, model.classes_[scores.argmax(axis=1)], strict=True):

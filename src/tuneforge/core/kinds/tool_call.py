@@ -33,8 +33,8 @@ from typing import ClassVar, Literal
 import numpy as np
 from pydantic import Field, PrivateAttr, model_validator
 
-from tuneforge.core.chat import (PROBE_ARGUMENTS, PROBE_TOOL, assistant_turn, end_of_turn, function_call, probe_call,
-                                 template_renders_tools)
+from tuneforge.core.chat import (PROBE_ARGUMENTS, PROBE_TOOL, assistant_turn, decoded_arguments, end_of_turn,
+                                 function_call, probe_call, template_renders_tools)
 from tuneforge.core.kinds.base import INVALID, OutputKind, prf, rate, ratio
 from tuneforge.core.kinds.gbnf import gbnf_literal
 from tuneforge.core.kinds.json_answers import dumps, strict_json
@@ -190,13 +190,7 @@ class ToolCallFormat:
             if not (isinstance(call, dict) and isinstance(call.get(self.name_key), str)
                     and self.arguments_key in call):
                 return text
-            arguments = call[self.arguments_key]
-            if isinstance(arguments, str):  # some models write the arguments as JSON text
-                try:
-                    arguments = json.loads(arguments)
-                except ValueError:
-                    pass
-            calls.append({"name": call[self.name_key], "arguments": arguments})
+            calls.append({"name": call[self.name_key], "arguments": decoded_arguments(call[self.arguments_key])})
             if not body[pos:].strip():  # a last call without its suffix: cut off, or a model that drops it
                 break
             pos = _skip(body, pos, self.suffix)
