@@ -523,9 +523,9 @@ class TaskReport:
         better = "the fine-tune" if ev.get("routed_better_part") == "tuned" else "the classical model"
         sentence = (f"Routing each request to the fine-tune or the classical model, whichever is expected to score "
                     f"higher, scores {name} {with_interval(ev[f'routed_{metric}'], self.interval('eval', f'routed_{metric}'), metric)}"
-                    f" ({ev[f'routed_gain_{metric}']:+.3f} against {better} alone"
-                    + (f", paired 95% CI {gain.low:+.3f} to {gain.high:+.3f}" if gain else "")
-                    + f"; the fine-tune answers {fmt(ev.get('routed_fine_tune_share'), 'share')})")
+                    f", {ev[f'routed_gain_{metric}']:+.3f} against {better} alone"
+                    + (f" (paired 95% CI {gain.low:+.3f} to {gain.high:+.3f})" if gain else "")
+                    + f"; the fine-tune answers {fmt(ev.get('routed_fine_tune_share'), 'share')} of requests")
         answered = ev.get(f"routed_answered_{metric}")
         if answered is not None:
             sentence += (f"; deferring up to {fmt(ev.get('routed_max_deferral'), 'share')} to review defers "
