@@ -5,7 +5,8 @@
 - sms_spam: SpamAssassin emails (data/raw/production/spam_assassin.jsonl): a real channel shift, so the
   drift stage must recommend retraining.
 
-Each request is answered and logged exactly as `tuneforge serve` logs it. Run after `dvc repro export`:
+Each request is answered by the fine-tune and logged in `tuneforge serve`'s format, as `tuneforge serve --no-route`
+answers it (no routing to the classical model). Run after `dvc repro export`:
 
     python scripts/make_demo_traffic.py --task sms_spam --rows 300
 """

@@ -221,6 +221,8 @@ TASK = """  t:
     ("model: {trust_remote_code: 'yes'}\ntasks:\n" + TASK, r"model.trust_remote_code: Input should be a valid boolean"),
     ("train: {packing: 'no'}\ntasks:\n" + TASK, r"train.packing: Input should be a valid boolean"),
     ("tasks:\n" + TASK.replace("[spam, ham]", "[spam, spam]"), r"output.labels lists \['spam'\] more than once"),
+    ("train: {accelerate_config: ddp.yaml}\ntasks:\n" + TASK, r"train.accelerate_config: .*must be a file in accelerate/"),
+    ("train: {accelerate_config: accelerate/../x.yaml}\ntasks:\n" + TASK, r"must be a file in accelerate/"),
 ])
 def test_params_mistakes_are_clear_errors(tmp_path, text, expected):
     path = tmp_path / "params.yaml"

@@ -1,6 +1,8 @@
 """The export gate serves the smallest quantized file that keeps the HF model's metric and next-token choices; a
 metric drop fails a file only when its paired interval against the f16 file is beyond the allowance."""
 
+import json
+
 import pytest
 
 from tuneforge.core.metrics import paired_difference
@@ -74,3 +76,38 @@ def test_a_drop_within_the_noise_of_the_rows_passes_and_one_clearly_beyond_fails
     assert served == "Q8_0" and not failures
     assert notes[0].startswith("Q4_K_M (105 MB) does not pass: macro_f1 0.156 (95% CI ")
     assert "beyond the 0.03 allowed even at the interval's low end" in notes[0]
+
+
+def test_a_routed_task_gates_the_served_system_too():
+    """Where the task routes (the evaluation saved a router), the file also fails when the answers routed with the
+    classical model, as `tuneforge serve` gives them, drop beyond the allowance against the f16 file's routed ones."""
+    routed_ok = {**row("Q4_K_M", 105, -0.005, 0.96, (-0.03, 0.02)), "routed_delta": -0.002, "routed_delta_ci": [-0.01, 0.005]}
+    served, failures, _ = gate([*ROWS[:3], routed_ok], "micro_f1", ExportSpec(max_metric_drop=0.01))
+    assert served == "Q4_K_M" and not failures
+    routed_bad = {**routed_ok, "routed_delta": -0.03, "routed_delta_ci": [-0.05, -0.015]}
+    served, failures, notes = gate([*ROWS[:3], routed_bad], "micro_f1", ExportSpec(max_metric_drop=0.01))
+    assert served == "Q8_0" and not failures
+    assert "routed (fine-tune or classical model, as served) micro_f1 0.030 (95% CI 0.015–0.050)" in notes[0]
+
+
+def test_export_routes_each_file_with_the_evaluation_router(tmp_path, monkeypatch):
+    """ExportRouting takes the router the evaluation saved and the classical model's answers from its predictions,
+    and routes a file's answers by their confidences exactly as Router.route does (serve calls the same)."""
+    from tuneforge.core.router import ROUTER_FILE, Router
+    from tuneforge.stages import export
+
+    router = Router.fit([0.2, 0.4, 0.6, 0.8] * 5, [0, 0, 1, 1] * 5, [0.3, 0.5, 0.7, 0.9] * 5, [0, 1, 0, 1] * 5, 0.1)
+    folder = tmp_path / "classical"
+    folder.mkdir()
+    (folder / ROUTER_FILE).write_text(json.dumps(router.to_json()))
+    monkeypatch.setattr(export, "classical_dir", lambda task: folder)
+    predictions = [{"baseline_output": f"c{i}", "baseline_confidence": c, "routed_output": f"r{i}"}
+                   for i, c in enumerate([0.3, 0.9, 0.5, 0.7])]
+    routing = export.ExportRouting.load("task", predictions)
+    fine_tune, confidences = ["f0", "f1", "f2", "f3"], [0.8, 0.2, 0.6, 0.4]
+    answers, deferred = routing.route(fine_tune, confidences)
+    routes = router.route(confidences, [0.3, 0.9, 0.5, 0.7])
+    assert answers == Router.answers(routes, fine_tune, ["c0", "c1", "c2", "c3"])
+    assert deferred == sum(r.deferred for r in routes) / 4
+    monkeypatch.setattr(export, "classical_dir", lambda task: tmp_path / "none")
+    assert export.ExportRouting.load("task", predictions) is None  # kinds without a classical model: no routing

@@ -75,7 +75,12 @@ def test_each_task_leads_with_a_plain_sentence_from_its_metrics(repo):
         lead = text(section(page, task).split('<p class="lead">')[1].split("</p>")[0])
         plain = output_spec(**spec["output"]).plain_metric  # how often the whole answer is right, or text's chrF
         share = ev[f"tuned_{plain}"]
-        assert lead.startswith("The fine-tuned model ")
+        if f"routed_{plain}" in ev:  # a routed task leads with the served system, then the fine-tune alone
+            assert lead.startswith("As served, ")
+            assert fmt(ev[f"routed_{plain}"], plain) in lead and fmt(ev["routed_deferred_share"], "share") in lead, lead
+            assert "the fine-tuned model alone " in lead
+        else:
+            assert lead.startswith("The fine-tuned model ")
         assert fmt(share, plain) in lead, lead
         assert f"{ev['test_rows']} test inputs" in lead
         assert f"{ex[f'{served}_size_mb']:.0f} MB {served} file" in lead

@@ -234,19 +234,20 @@ def test_accelerate_configs_that_shard_the_model_are_refused(tmp_path, repo_root
     above): an `accelerate config` file asking for FSDP or DeepSpeed is refused before anything is launched."""
     from tuneforge.stages.train import check_can_train, run_training
 
-    params = load_params(repo_root / "params.yaml").with_settings({"train.accelerate_config": "accelerate.yaml"})
+    params = load_params(repo_root / "params.yaml").with_settings({"train.accelerate_config": "accelerate/ddp.yaml"})
     monkeypatch.setenv("TUNEFORGE_ROOT", str(tmp_path))
     (tmp_path / "metrics/address_json").mkdir(parents=True)
     (tmp_path / "metrics/address_json/audit.json").write_text(json.dumps({"gate_passed": True}))
-    with pytest.raises(FileNotFoundError, match=r"train.accelerate_config: .*accelerate.yaml does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"train.accelerate_config: .*accelerate/ddp.yaml does not exist"):
         run_training("address_json", params)
+    (tmp_path / "accelerate").mkdir()
     for distributed_type in ("FSDP", "DEEPSPEED"):
-        (tmp_path / "accelerate.yaml").write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: {distributed_type}\n"
+        (tmp_path / "accelerate/ddp.yaml").write_text(f"compute_environment: LOCAL_MACHINE\ndistributed_type: {distributed_type}\n"
                                                   "num_processes: 2\n")
         with pytest.raises(ValueError, match=rf"distributed_type: {distributed_type}, which the training stage does not "
                                              r"support.*MULTI_GPU"):
             run_training("address_json", params)
-    (tmp_path / "accelerate.yaml").write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\n")
+    (tmp_path / "accelerate/ddp.yaml").write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\n")
     check_can_train("address_json", params)
 
 

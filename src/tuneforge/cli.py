@@ -52,7 +52,7 @@ def serve(args) -> int:
     from tuneforge.serve import ServeError, serve as run_server
 
     try:
-        run_server(args.task, args.host, args.port, args.quantization, args.api_key)
+        run_server(args.task, args.host, args.port, args.quantization, args.api_key, route=not args.no_route)
     except ServeError as err:
         print(f"tuneforge serve: {err}", file=sys.stderr)
         return 2
@@ -89,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
                     "that passed the export gate)")
     sv.add_argument("--api-key", help="clients must send 'Authorization: Bearer <key>'; required unless --host is "
                     "loopback. Prefer $TUNEFORGE_API_KEY: a command line is visible to every user of the machine")
+    sv.add_argument("--no-route", action="store_true", help="the fine-tune answers every request, even where a task "
+                    "has a router to its classical model (params' serve.route for every run)")
     sv.set_defaults(run=serve)
     return top
 

@@ -31,6 +31,16 @@ unparsable one crashed it). Inputs and answers are logged with e-mail addresses,
 redacted (core.pii, the audit's detector); an answer is logged as its kind's answer string (tool_call:
 {"tool_calls": [...]} or {"content": ...}), what drift judges.
 
+Routing (serve_routing.py; params' serve.route, --no-route to turn it off): where a task has a router (label and
+json_object kinds: models/<task>/classical/router.json beside its classical model), each request is answered by the
+fine-tune or the classical model, whichever the router expects to score higher, and the completion carries a
+`tuneforge` field: answered_by, confidence (the calibrated expected score), fine_tune_confidence and
+classical_confidence (raw), deferred. A deferred request (neither is expected to score well enough) is answered
+with an empty content and finish_reason "deferred", and logged with deferred true and no output (drift judges no
+answer of it), both answers beside it for review. Every prompt is evaluated whole, and the answer tokens'
+log-probabilities read off the raw logits, as the export stage does (answer_as_exported), so that the fine-tune's
+confidence is the one the router was checked with there.
+
 Limits (set below): an answer stops after ANSWER_SECONDS (finish_reason "length", logged as cut_by_time_limit, and
 drift does not judge it); a request's head must arrive
 within HEAD_SECONDS of the connection opening (or of its previous answer) and be at most MAX_HEAD_BYTES, its body
@@ -55,11 +65,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from tuneforge.core.chat import special_tokens_in
 from tuneforge.core.constraints import constrain_request
 from tuneforge.core.kinds import OutputKind
 from tuneforge.core.pii import redact
 from tuneforge.core.traffic import append_request
+from tuneforge.serve_routing import Routed, TaskRouting, load_task_routing
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see export.py: spin-waits stall a busy small machine
 
@@ -127,6 +140,7 @@ class Route:
     max_new_tokens: int = 96  # the task's token budget, as evaluated
     special_tokens: tuple[str, ...] = ()  # the served model's control tokens as text: refused in messages
     allow_client_max_tokens: bool = False  # params' serve.allow_client_max_tokens
+    routing: TaskRouting | None = None  # the task's classical model and router, where requests are routed
 
     def log_fields(self) -> dict:
         fields = {"model_file": self.model_file.name, "model_sha256": self.model_sha256}
@@ -282,7 +296,8 @@ class RequestLog:
         if problem:
             return {}, problem, 422
         if payload.get("stream"):
-            return {}, "streaming is not supported: the request log needs the whole answer", 400
+            return {}, ("streaming is not supported: the request log, and routing between a task's fine-tune and its "
+                        "classical model, need the whole answer"), 400
         return payload, "", 200
 
     async def answer(self, scope, receive, send, payload: dict, route: Route) -> None:
@@ -323,31 +338,47 @@ class RequestLog:
             return await reply_error(send, reply["status"], upstream_error(reply["status"], reply["body"]))
         answer = json.loads(reply["body"])
         answer["model"] = route.task
-        output = served_answer(answer["choices"][0], route.output)
+        choice = answer["choices"][0]
+        # The answer tokens' log-probabilities (answer_as_exported) are for routing only (a client's logprobs are
+        # refused): never sent back.
+        logprobs, choice["logprobs"] = choice.get("logprobs"), None
+        output = served_answer(choice, route.output)
+        routed = None
+        if route.routing is not None:  # the classical model answers in a worker thread, off the event loop
+            routed = await asyncio.to_thread(route.routing.decide, route.output, request_record(payload["messages"]),
+                                             output, logprobs)
+            routed.rewrite(choice, route.output)
+            answer["tuneforge"] = routed.summary()
+            output = routed.answer
         # Logged before the client hears back, in a worker thread: the line's lock, write and fsync would otherwise
         # hold the event loop, and with it every other connection, for as long as the disk takes.
-        await asyncio.to_thread(self.log, route, payload, answer, output, time.perf_counter() - start, cut.fired)
+        await asyncio.to_thread(self.log, route, payload, answer, output, time.perf_counter() - start, cut.fired,
+                                routed)
         body = json.dumps(answer, ensure_ascii=False).encode()
         headers = [(k, v) for k, v in reply["headers"] if k.lower() != b"content-length"]
         await send({"type": "http.response.start", "status": 200,
                     "headers": headers + [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    def log(self, route: Route, payload: dict, answer: dict, output: str, seconds: float,
-            cut_by_time_limit: bool) -> None:
+    def log(self, route: Route, payload: dict, answer: dict, output: str | None, seconds: float,
+            cut_by_time_limit: bool, routed: Routed | None = None) -> None:
         """One line: the input (the kind's input_text: the one user message, or a chat task's conversation) and the
         answer string (output: what drift
-        judges with the kind's answer_problem), personal data redacted;
+        judges with the kind's answer_problem; None for a deferred request, which was given none), personal data
+        redacted;
         a client's lower max_tokens, the one setting it may change, and the server's time limit cutting the answer
-        are logged with them (drift judges neither kind of answer as the model's own)."""
+        are logged with them (drift judges neither kind of answer as the model's own). A routed request also logs
+        its routing (Routed.summary) and both answerers' answers."""
         choice = answer["choices"][0]
         cut_short = {"client_max_tokens": payload["max_tokens"]} if payload["max_tokens"] < route.max_new_tokens else {}
         if cut_by_time_limit:
             cut_short["cut_by_time_limit"] = True
+        routing = {} if routed is None else {**routed.summary(), "fine_tune_output": redact(routed.fine_tune_answer),
+                                             "classical_output": redact(routed.classical_answer)}
         append_request(route.log_file, {
             "task": route.task, "input": redact(logged_input(route, payload["messages"])),
-            "output": redact(output), "finish_reason": choice["finish_reason"], **cut_short,
-            "latency_ms": 1000 * seconds, **route.log_fields(),
+            "output": None if output is None else redact(output), "finish_reason": choice["finish_reason"],
+            **cut_short, **routing, "latency_ms": 1000 * seconds, **route.log_fields(),
         })
 
 
@@ -369,7 +400,13 @@ def logged_input(route: Route, messages: list[dict]) -> str:
     task's whole conversation before the answer), so that drift compares like with like."""
     if route.output is None:
         return messages[-1]["content"]
-    return route.output.input_text({"messages": [*messages, {"role": "assistant", "content": ""}]})
+    return route.output.input_text(request_record(messages))
+
+
+def request_record(messages: list[dict]) -> dict:
+    """A request's messages as a record of the task's data (an empty answer after them), what its output kind reads
+    inputs from."""
+    return {"messages": [*messages, {"role": "assistant", "content": ""}]}
 
 
 def contract_problem(payload: dict, route: Route) -> str:
@@ -578,9 +615,11 @@ class TaskAdapterProxy:
         self.switch.close()
 
 
-def build_app(task: str | None = None, quantization: str | None = None, n_ctx: int = 1024, api_key: str | None = None):
+def build_app(task: str | None = None, quantization: str | None = None, n_ctx: int = 1024, api_key: str | None = None,
+              route: bool = True):
     """task: serve that task's merged GGUF (quantization: a type from export.quantizations; by default the one
-    its export gate chose); None: every task from one base GGUF with each task's adapter."""
+    its export gate chose); None: every task from one base GGUF with each task's adapter. route: False turns routing
+    off whatever params' serve.route says (--no-route)."""
     import llama_cpp.server.app as server_app
     from llama_cpp.server.settings import ModelSettings
 
@@ -589,8 +628,9 @@ def build_app(task: str | None = None, quantization: str | None = None, n_ctx: i
     from tuneforge.core.paths import production_file, task_gguf_file
 
     params = load_params()
+    route = route and params.serve.route
     if task is None:
-        return build_multi_task_app(params, n_ctx, api_key)
+        return build_multi_task_app(params, n_ctx, api_key, route)
     try:
         spec = params.task(task)
         model_file = task_gguf_file(task, quantization or served_quantization(task))
@@ -598,18 +638,19 @@ def build_app(task: str | None = None, quantization: str | None = None, n_ctx: i
         raise ServeError(err.args[0]) from None
     if not model_file.exists():
         raise ServeError(f"{model_file} does not exist: run `dvc repro export@{task}` first")
+    output = served_outputs({task: spec.output})[task]
+    routing = task_routing(task, output) if route else None  # before the model loads: a refusal stops at once
     app = server_app.create_app(server_settings=server_settings(api_key),
                                 model_settings=[ModelSettings(model=str(model_file), model_alias=task, n_ctx=n_ctx,
                                                               n_threads=params.export.n_threads, verbose=False)])
     llm = server_app._llama_proxy._current_model  # loaded by create_app's LlamaProxy
-    route = Route(task, production_file(task), spec.system_prompt, model_file, file_sha256(model_file),
-                  output=served_outputs({task: spec.output})[task],
-                  max_new_tokens=spec.max_new_tokens, special_tokens=control_token_strings(llm),
-                  allow_client_max_tokens=params.serve.allow_client_max_tokens)
-    return guarded_app(app, llm, {task: route}, n_ctx, api_key)
+    served = Route(task, production_file(task), spec.system_prompt, model_file, file_sha256(model_file),
+                   output=output, max_new_tokens=spec.max_new_tokens, special_tokens=control_token_strings(llm),
+                   allow_client_max_tokens=params.serve.allow_client_max_tokens, routing=routing)
+    return guarded_app(app, llm, {task: served}, n_ctx, api_key)
 
 
-def build_multi_task_app(params, n_ctx: int, api_key: str | None):
+def build_multi_task_app(params, n_ctx: int, api_key: str | None, route: bool = True):
     """Every task in params.yaml over models/base_gguf, each with its adapter from its export stage."""
     import llama_cpp.server.app as server_app
     from llama_cpp.server.settings import ModelSettings
@@ -626,6 +667,8 @@ def build_multi_task_app(params, n_ctx: int, api_key: str | None):
         raise ServeError(f"no GGUF adapter for {missing}: run `dvc repro {' '.join(f'export@{t}' for t in missing)}` "
                          "(or serve one task with --task)")
     tasks = list(params.tasks)
+    outputs = served_outputs({t: params.tasks[t].output for t in tasks})
+    routing = {t: task_routing(t, outputs[t]) if route else None for t in tasks}
     app = server_app.create_app(server_settings=server_settings(api_key),
                                 model_settings=[ModelSettings(model=str(base_file), model_alias=tasks[0], n_ctx=n_ctx,
                                                               n_threads=params.export.n_threads, verbose=False)])
@@ -635,12 +678,27 @@ def build_multi_task_app(params, n_ctx: int, api_key: str | None):
     server_app._llama_proxy = TaskAdapterProxy(switch)
     base_sha = file_sha256(base_file)
     specials = control_token_strings(switch.llm)
-    outputs = served_outputs({t: params.tasks[t].output for t in tasks})
     routes = {t: Route(t, production_file(t), params.tasks[t].system_prompt, adapter_gguf_file(t),
                        file_sha256(adapter_gguf_file(t)), base_file, base_sha, output=outputs[t],
                        max_new_tokens=params.tasks[t].max_new_tokens, special_tokens=specials,
-                       allow_client_max_tokens=params.serve.allow_client_max_tokens) for t in tasks}
+                       allow_client_max_tokens=params.serve.allow_client_max_tokens, routing=routing[t]) for t in tasks}
     return guarded_app(app, switch.llm, routes, n_ctx, api_key)
+
+
+def task_routing(task: str, output: OutputKind) -> TaskRouting | None:
+    """The task's classical model and router, where the evaluation stage saved a router; a model file that skops
+    must not load (core.router.load_classical) or an unreadable router stops the server with the reason."""
+    from tuneforge.core.paths import classical_dir
+    from tuneforge.core.router import UntrustedModelError
+
+    try:
+        return load_task_routing(classical_dir(task), output)
+    except UntrustedModelError as err:
+        raise ServeError(f"task {task}: {err}") from None
+    except (ValueError, KeyError) as err:  # router.json: not JSON, or not a router's fields
+        raise ServeError(f"task {task}: {classical_dir(task)}/router.json could not be read ({type(err).__name__}: "
+                         f"{err}); refit it with `dvc repro` (the evaluation stage saves it), or serve with "
+                         "--no-route") from None
 
 
 def served_outputs(outputs: dict[str, OutputKind]) -> dict[str, OutputKind]:
@@ -680,6 +738,7 @@ def guarded_app(app, llm, routes: dict[str, Route], n_ctx: int, api_key: str | N
 
     app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]  # read on the first request
     limit_answer_time(llm, ANSWER_SECONDS)
+    answer_as_exported(llm)
     pass_template_kwargs(llm)
     # A character is at least a quarter of a token here; keep room for the answer in the context.
     return RequestLog(app, routes=routes, max_input_chars=2 * n_ctx, api_key=api_key)
@@ -713,6 +772,45 @@ def pass_template_kwargs(llm) -> None:
         return handler(**{**kwargs, **TEMPLATE_KWARGS.get()})
 
     llm.chat_handler = with_template_kwargs
+
+
+def answer_as_exported(llm) -> None:
+    """Every completion of llm decoded as the export stage's generate_gguf decodes it, so that the fine-tune's
+    confidence is the one the router was checked with there:
+
+    - the prompt evaluated from its first token, in one batch, instead of reusing the previous request's cached
+      prefix and evaluating the rest apart: llama.cpp rounds a token's logits differently in a batch of another size,
+      so on a Q4_K_M file a reused prefix moved the confidence by up to 1e-3 from the export stage's and flipped a
+      near-tied answer (evaluated whole: within 1e-7, the same answers). Only the system prompt's few tokens are
+      evaluated again;
+    - each answer token's log-probability under the raw logits (before the grammar masks them) recorded as the
+      sampler picks it, and returned as the choice's logprobs (one log-softmax a token; llama-cpp-python's own
+      logprobs sort the whole vocabulary for every token, 34 ms a token here).
+    """
+    import llama_cpp
+
+    sample, create_completion = llm.sample, llm.create_completion
+    picked: list[float] = []
+
+    def sample_and_record(*args, idx=None, **kwargs):
+        ridx = idx - llm.n_tokens if idx is not None else -1  # the row Llama.sample reads
+        raw = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, ridx), shape=(llm.n_vocab(),)).copy()
+        token = sample(*args, idx=idx, **kwargs)
+        picked.append(float(llama_cpp.Llama.logits_to_logprobs(raw)[token]))
+        return token
+
+    def create_completion_as_exported(*args, **kwargs):
+        llm.reset()  # forgets the cached tokens; their cache entries are overwritten from position 0
+        picked.clear()
+        completion = create_completion(*args, **kwargs)
+        if isinstance(completion, dict):  # streaming is refused before it gets here
+            n = completion["usage"]["completion_tokens"]  # the answer's tokens; the stop token was picked last
+            # In the text-completion form the chat handler turns into the chat form (content[i].logprob).
+            completion["choices"][0]["logprobs"] = {"tokens": [""] * n, "text_offset": [0] * n,
+                                                    "token_logprobs": picked[:n], "top_logprobs": [{}] * n}
+        return completion
+
+    llm.sample, llm.create_completion = sample_and_record, create_completion_as_exported
 
 
 def limit_answer_time(llm, seconds: float) -> None:
@@ -796,7 +894,8 @@ def uvicorn_config(app, host: str, port: int):
                           h11_max_incomplete_event_size=MAX_HEAD_BYTES, timeout_graceful_shutdown=SHUTDOWN_SECONDS)
 
 
-def serve(task: str | None, host: str, port: int, quantization: str | None, api_key: str | None = None) -> None:
+def serve(task: str | None, host: str, port: int, quantization: str | None, api_key: str | None = None,
+          route: bool = True) -> None:
     import uvicorn
 
     if task is None and quantization:
@@ -806,4 +905,4 @@ def serve(task: str | None, host: str, port: int, quantization: str | None, api_
     if not is_loopback(host):
         print(f"tuneforge serve: listening on {host}:{port} with an API key, over plain HTTP: put a TLS proxy in "
               "front of it before the key crosses a network you do not trust", file=sys.stderr)
-    uvicorn.Server(uvicorn_config(build_app(task, quantization, api_key=key), host, port)).run()
+    uvicorn.Server(uvicorn_config(build_app(task, quantization, api_key=key, route=route), host, port)).run()

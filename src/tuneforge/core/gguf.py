@@ -33,13 +33,18 @@ def load_llama(gguf_file: Path, *, logits_all: bool = False, n_ctx: int = 1024, 
 
 @dataclass
 class GgufRun:
-    """One dict per record: output, prompt_tokens, generated_tokens, prompt_seconds, generation_seconds."""
+    """One dict per record: output, confidence (core.router.answer_confidence), prompt_tokens, generated_tokens,
+    prompt_seconds, generation_seconds."""
 
     results: list[dict]
 
     @property
     def outputs(self) -> list[str]:
         return [r["output"] for r in self.results]
+
+    @property
+    def confidences(self) -> list[float]:
+        return [r["confidence"] for r in self.results]
 
     def total(self, key: str) -> float:
         return sum(r[key] for r in self.results)
@@ -75,6 +80,9 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, outp
     (None: the decoded text is the answer).
     """
     from tuneforge.core.constraints import GrammarMatcher, mask_logits
+    from llama_cpp import Llama
+
+    from tuneforge.core.router import answer_confidence
 
     stops = set(stop_token_ids(tokenizer))
     results = []
@@ -87,20 +95,22 @@ def generate_gguf(llm, tokenizer, records: list[dict], max_new_tokens: int, outp
         llm.eval(ids)
         prompt_seconds = time.perf_counter() - start
         answer: list[int] = []
+        log_probs: list[float] = []  # each answer token's, under the logits before the grammar (the confidence)
         start = time.perf_counter()
         for _ in range(max_new_tokens):
-            logits = last_logits(llm)
-            if matcher is not None:
-                logits = mask_logits(logits.copy(), matcher.allowed())
+            raw = last_logits(llm)
+            logits = mask_logits(raw.copy(), matcher.allowed()) if matcher is not None else raw
             token = int(np.argmax(logits))
             if token in stops:
                 break
             if matcher is not None:
                 matcher.consume(token)
             answer.append(token)
+            log_probs.append(float(Llama.logits_to_logprobs(raw)[token]))  # as serve's logprobs compute it
             llm.eval([token])
         text = tokenizer.decode(answer, skip_special_tokens=True).strip()
         results.append({"output": output.from_generation(text) if output else text,
+                        "confidence": answer_confidence(log_probs),
                         "prompt_tokens": len(ids),
                         "generated_tokens": len(answer), "prompt_seconds": prompt_seconds,
                         "generation_seconds": time.perf_counter() - start})

@@ -28,7 +28,7 @@ from pydantic import (
 
 from tuneforge.core.fields import Strict
 from tuneforge.core.kinds import KINDS, OutputSpec
-from tuneforge.core.paths import repo_root
+from tuneforge.core.paths import ACCELERATE_CONFIGS, repo_root
 
 EMBEDDED_BASE = "smollm2-135m-instruct"
 
@@ -187,8 +187,20 @@ class TrainSpec(Strict):
     num_processes: int = Field(1, ge=1, description=">1: the notebook runs `accelerate launch` on that many GPUs (DDP)")
     accelerate_config: str = Field(
         "", description="optional `accelerate config` file passed to `accelerate launch --config_file` (several GPUs "
-        "or machines, DDP; a config that shards the model, FSDP or DeepSpeed, is refused); relative to the repository "
-        "root")
+        "or machines, DDP; a config that shards the model, FSDP or DeepSpeed, is refused): a file in accelerate/, "
+        "which dvc.yaml lists as the training stages' dependency")
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _config_in_its_folder(cls, path: str) -> str:
+        """In accelerate/, the folder the training stages depend on: a config elsewhere could change without DVC
+        rerunning the training it configures."""
+        parts = PurePosixPath(path).parts
+        if path and (len(parts) < 2 or parts[0] != ACCELERATE_CONFIGS or ".." in parts):
+            raise ValueError(f"{path!r} must be a file in {ACCELERATE_CONFIGS}/ (e.g. {ACCELERATE_CONFIGS}/ddp.yaml): "
+                             "dvc.yaml lists that folder as the training stages' dependency")
+        return path
+
     task_overrides: dict[str, TrainOverrides] = Field(
         default_factory=dict, description="per task, settings that replace the ones above for that task's training, "
         "e.g. {sms_spam: {learning_rate: 4.0e-3}}: tasks differ in what recipe suits them")
@@ -258,14 +270,16 @@ QuantizationType = Annotated[str, AfterValidator(_llama_quantization)]
 class ExportSpec(Strict):
     quantizations: list[QuantizationType] = Field(
         default_factory=lambda: ["Q8_0", "Q4_K_M"], min_length=1, description="llama.cpp types, e.g. Q8_0, Q4_K_M")
-    max_rows: int = Field(80, ge=0, description="test rows each GGUF answers (0: all); fewer rows, wider intervals, "
-                          "so the gate below fails a file less readily")
-    parity_rows: int = Field(24, ge=1, description="test rows for next-token agreement and KL")
+    max_rows: int = Field(80, ge=0, description="test rows each merged GGUF file answers (0: all); fewer rows, wider "
+                          "intervals, so the gate below fails a file less readily")
+    parity_rows: int = Field(24, ge=1, description="test rows for next-token agreement and KL; also the rows the base "
+                             "+ adapter file answers (not gated)")
     gate_quantization: str = Field("smallest", description="'smallest': the gate vouches for (and serve runs) the "
                                    "smallest file that passes; or one type from quantizations")
     max_metric_drop: float = Field(0.03, ge=0, le=1, description="gate: a file fails when its drop of the primary "
                                    "metric below the f16 file (the fp32 HF model's twin), on the same rows, is beyond "
-                                   "this at the low end of the paired 95% bootstrap interval")
+                                   "this at the low end of the paired 95% bootstrap interval; where the task routes, "
+                                   "the same for its routed answers")
     min_top1_agreement: float = Field(0.95, ge=0, le=1, description="gate: next-token agreement with the HF model")
     imatrix_rows: int = Field(64, ge=0, description="training rows the importance matrix is collected on (0: none)")
     compare_without_imatrix: bool = Field(False, description="also build and measure each type without the importance "
@@ -298,6 +312,11 @@ class ServeSpec(Strict):
     allow_client_max_tokens: StrictBool = Field(
         False, description="true: a client's max_tokens below the task's max_new_tokens is honoured (and logged; drift "
         "does not judge those answers); false: refused with 400")
+    route: StrictBool = Field(
+        True, description="true: where a task has a router (models/<task>/classical/router.json, label and json_object "
+        "kinds), each request is answered by the fine-tune or the classical model, whichever the router expects to "
+        "score higher, or deferred; false: the fine-tune answers every request (`tuneforge serve --no-route` for one "
+        "run)")
 
 
 class RouteSpec(Strict):

@@ -22,6 +22,10 @@ def repo_root() -> Path:
     raise FileNotFoundError(f"no dvc.yaml in {here} or any folder above it: run from inside the tuneforge repository")
 
 
+# `accelerate config` files (train.accelerate_config), relative to the root: the training stages' DVC dependency.
+ACCELERATE_CONFIGS = "accelerate"
+
+
 def processed_dir(task: str) -> Path:
     return repo_root() / "data" / "processed" / task
 

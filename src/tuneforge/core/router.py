@@ -26,6 +26,15 @@ import numpy as np
 FINE_TUNE, CLASSICAL = "fine_tune", "classical"
 
 
+def answer_confidence(token_log_probs: Sequence[float]) -> float:
+    """The fine-tune's raw confidence in one answer: the geometric mean of its answer tokens' probabilities (each
+    under the logits before the grammar masks them; the stop token not counted); an empty answer has confidence 0.
+    The evaluation (HF), the export and serve (GGUF, llama-cpp-python's logprobs) all reduce with this. HF's logits
+    come after generate()'s own processors: for a base whose generation_config sets a repetition_penalty they are
+    not the raw logits llama.cpp reports (the embedded SmolLM2 sets none)."""
+    return float(np.exp(np.mean(token_log_probs))) if len(token_log_probs) else 0.0
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A monotone map from one answerer's raw confidence to its expected score, as isotonic regression's

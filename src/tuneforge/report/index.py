@@ -33,7 +33,7 @@ STAGES = [*((f"{s.notebook}.html", s.title) for s in PIPELINE if s.notebook),
 
 # The params.yaml sections the page shows: the index stage's params in dvc.yaml, so the page is never stale. (Audit
 # and drift thresholds are in those stages' reports; a change there reruns the stage, not necessarily the index.)
-PARAMS_SHOWN = ("model", "tasks", "train", "evaluate", "export")
+PARAMS_SHOWN = ("model", "tasks", "train", "evaluate", "export", "route", "serve")
 
 # The embedded default is a GGUF conversion of this hub model (Apache-2.0, as its model card says).
 EMBEDDED_HUB_ID, EMBEDDED_LICENSE = "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"
@@ -273,8 +273,8 @@ class TaskReport:
     # --- is it good ---
 
     def headline(self) -> str:
-        """One plain sentence: the tuned model's whole-answer quality against the base (and the baseline), then
-        whether the file for phones and laptops keeps the gated score."""
+        """One plain sentence: the served system's whole-answer quality where the task routes, the tuned model's
+        against the base (and the baseline), then whether the file for phones and laptops keeps the gated score."""
         ev, ex = self.eval, self.export
         if f"tuned_{self.primary}" not in ev:
             return "Not evaluated yet: run `dvc repro` to train and evaluate this task."
@@ -286,6 +286,16 @@ class TaskReport:
         else:
             what = f"scores {tuned_text} {metric_name(metric)} on {fmt(ev.get('test_rows'))} test inputs"
         sentence = f"The fine-tuned model {what}"
+        routed = ev.get(f"routed_{metric}") if self.params.serve.route else None
+        if routed is not None:  # the served system first: serve routes each request (core/router.py)
+            routed_text = with_interval(routed, self.interval("eval", f"routed_{metric}"), metric)
+            routed_what = (self.spec.output.plain_sentence.format(share=routed_text, n=fmt(ev.get("test_rows")))
+                           if metric == self.spec.output.plain_metric else
+                           f"scores {routed_text} {metric_name(metric)} on {fmt(ev.get('test_rows'))} test inputs")
+            sentence = (f"As served, each request answered by the fine-tune or the classical model, whichever is expected "
+                        f"to score higher, the system {routed_what} when it answers every one (it defers "
+                        f"{fmt(ev.get('routed_deferred_share'), 'share')} of them to review at route.max_deferral); the "
+                        f"fine-tuned model alone {what}")
         if base is not None:
             sentence += (", the same as before fine-tuning" if fmt(base, metric) == fmt(tuned, metric)
                          else f", {'up' if tuned > base else 'down'} from {fmt(base, metric)} before fine-tuning")
@@ -301,6 +311,10 @@ class TaskReport:
             delta = self.interval("export", f"{self.served}_delta")
             if delta is not None:
                 sentence += f"; {signed(delta.estimate)} against its f16 twin, {delta.bounds('{:+.3f}'.format)}"
+            routed_delta = self.interval("export", f"{self.served}_routed_delta")
+            if routed_delta is not None:
+                sentence += (f"; routed as served, {signed(routed_delta.estimate)} against the f16 twin's routed answers, "
+                             f"{routed_delta.bounds('{:+.3f}'.format)}")
             sentence += ")"
         return sentence + "."
 
@@ -531,7 +545,8 @@ class TaskReport:
             sentence += (f"; deferring up to {fmt(ev.get('routed_max_deferral'), 'share')} to review defers "
                          f"{fmt(ev.get('routed_deferred_share'), 'share')} of test requests and scores "
                          f"{with_interval(answered, self.interval('eval', f'routed_answered_{metric}'), metric)} on the rest")
-        return sentence + ". `tuneforge serve` does not route yet: it answers with the fine-tune."
+        return sentence + (". `tuneforge serve` routes the same way, with the file the export gate chose." if
+                           self.params.serve.route else ". `tuneforge serve` does not route: serve.route is off.")
 
     def limitations(self) -> list[str]:
         """What a user should know before relying on the model, each from a measured number."""

@@ -23,6 +23,7 @@ from tuneforge.core.router import (
     FINE_TUNE,
     Route,
     Router,
+    answer_confidence,
     expected_calibration_error,
     selective_curve,
 )
@@ -106,8 +107,8 @@ def generate(model, tokenizer, records: list[dict], *, output: OutputKind, batch
             outputs[i] = output.from_generation(tokenizer.decode(ids, skip_special_tokens=True).strip())
             n_tokens[i] = len(ids)
             latency[i] = elapsed / len(batch)
-            if confidence and ids:
-                confidences[i] = math.exp(float(chosen_log_probs[: len(ids), j].mean()))
+            if confidence:
+                confidences[i] = answer_confidence(chosen_log_probs[: len(ids), j].double().numpy())
         bar.update(len(batch))
     bar.close()
     return Generations(outputs, latency, n_tokens, sum(n_tokens) / max(total_time, 1e-9),

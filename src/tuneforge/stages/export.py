@@ -36,6 +36,7 @@ from tuneforge.core.paths import (
     adapter_gguf_file,
     base_gguf_file,
     base_model_dir,
+    classical_dir,
     gguf_dir,
     gguf_file,
     merged_dir,
@@ -51,6 +52,7 @@ from tuneforge.core.quantize import (  # noqa: F401  (converter_dir: part of thi
     quantize_gguf,
 )
 from tuneforge.core.records import read_jsonl
+from tuneforge.core.router import Router, load_router
 
 # Spin-waiting OpenMP threads stall llama.cpp on a busy 2-core machine (a run went from 3 s to >120 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -210,11 +212,17 @@ class ExportResult:
                         f"{key}_prompt_tokens_per_second": r["prompt_tok_s"],
                         f"{key}_generation_tokens_per_second": r["gen_tok_s"],
                         f"{key}_bandwidth_bound_fraction": r["bandwidth_bound_fraction"]})
+            if "routed_delta" in r:  # the served system: this file's answers routed with the classical model's
+                out.update({f"{key}_routed_{self.primary}": r[f"routed_{self.primary}"],
+                            f"{key}_routed_delta": r["routed_delta"], f"{key}_routed_delta_ci": r["routed_delta_ci"],
+                            f"{key}_routed_deferred_share": r["routed_deferred_share"]})
+        if f"routed_{self.primary}" in hf:
+            out[f"hf_routed_{self.primary}"] = hf[f"routed_{self.primary}"]
         return {**out, "served_quantization": self.served, "gate_passed": not self.failures}
 
 
 def gate(rows: list[dict], primary: str, spec: ExportSpec) -> tuple[str | None, list[str], list[str]]:
-    """(served type, failures, notes): the smallest kept quantized file that passes both bars (or only
+    """(served type, failures, notes): the smallest kept quantized file that passes every bar (or only
     export.gate_quantization, when it names a type).
 
     - The primary metric, against the f16 file (the fp32 HF model's twin) on the same rows: a file fails only when
@@ -223,6 +231,9 @@ def gate(rows: list[dict], primary: str, spec: ExportSpec) -> tuple[str | None, 
       does not confirm is within the noise of the rows evaluated (export.max_rows): the file passes, with a note.
     - Next-token agreement with the HF model at least export.min_top1_agreement, as measured: it counts every
       teacher-forced answer token of the parity rows (~2,000), not a few dozen answers.
+    - Where the task routes (ExportRouting): the routed answers (this file's or the classical model's, as serve
+      answers) against the f16 file's routed answers, under the same rule as the fine-tune's drop. It is checked
+      whether or not serve.route is on, so the served file is good for either.
     """
     candidates = sorted((r for r in rows if r.get("kept_quantization")), key=lambda r: r["size_mb"])
     if spec.gate_quantization != "smallest":
@@ -234,6 +245,12 @@ def gate(rows: list[dict], primary: str, spec: ExportSpec) -> tuple[str | None, 
         short = []
         if drop.low > spec.max_metric_drop:
             short.append(f"{measured}: beyond the {spec.max_metric_drop} allowed even at the interval's low end")
+        # Where the task routes (ExportRouting), the served system's answers are gated as well as the fine-tune's.
+        routed_drop = Interval.from_metrics(r, "routed_delta")
+        if routed_drop is not None and (-routed_drop).low > spec.max_metric_drop:
+            short.append(f"routed (fine-tune or classical model, as served) {primary} {(-routed_drop).describe()} below "
+                         f"the f16 file's routed answers: beyond the {spec.max_metric_drop} allowed even at the "
+                         "interval's low end")
         if r["top1_agreement"] < spec.min_top1_agreement:
             short.append(f"top-1 agreement {r['top1_agreement']:.3f} < {spec.min_top1_agreement} "
                          f"(short by {spec.min_top1_agreement - r['top1_agreement']:.3f})")
@@ -241,23 +258,55 @@ def gate(rows: list[dict], primary: str, spec: ExportSpec) -> tuple[str | None, 
             if drop.estimate > spec.max_metric_drop:
                 notes.append(f"{r['kept_quantization']} passes: {measured}, more than the {spec.max_metric_drop} "
                              "allowed but within the noise of these rows (the interval reaches the allowance)")
+            if routed_drop is not None and (-routed_drop).estimate > spec.max_metric_drop:
+                notes.append(f"{r['kept_quantization']} passes: routed {primary} {(-routed_drop).describe()} below the "
+                             f"f16 file's routed answers, more than the {spec.max_metric_drop} allowed but within the "
+                             "noise of these rows")
             return r["kept_quantization"], [], notes
         notes.append(f"{r['kept_quantization']} ({r['size_mb']:.0f} MB) does not pass: " + "; ".join(short))
     return None, notes or ["no quantized file to gate"], notes
+
+
+@dataclass
+class ExportRouting:
+    """The evaluation stage's router (models/<task>/classical/router.json) and the classical model's answers and raw
+    confidences on the export rows (from its predictions): each GGUF file's answers are routed as `tuneforge serve`
+    routes them, so the gate also vouches for the served system, not only for the fine-tune alone."""
+
+    router: Router
+    answers: list[str]
+    confidences: list[float]
+    reference: list[str]  # the routed answers the deltas are taken against (the HF model's, then the f16 file's)
+
+    @classmethod
+    def load(cls, task: str, rows: list[dict]) -> ExportRouting | None:
+        router = load_router(classical_dir(task))
+        if router is None:
+            return None
+        return cls(router, [r["baseline_output"] for r in rows], [r["baseline_confidence"] for r in rows],
+                   [r["routed_output"] for r in rows])
+
+    def route(self, outputs: list[str], confidences: list[float]) -> tuple[list[str], float]:
+        """The routed answers at 0% deferral (as evaluate's routed_*) and the share routing would defer."""
+        n = len(outputs)
+        routes = self.router.route(confidences, self.confidences[:n])
+        return Router.answers(routes, outputs, self.answers[:n]), float(np.mean([r.deferred for r in routes])) if n else 0.0
 
 
 class _Evaluator:
     """Runs one GGUF model over the test records and the parity records and returns its table row."""
 
     def __init__(self, parity: ParityReference, tokenizer, spec, cfg: ExportSpec, records, reference: list[str],
-                 bandwidth: float):
+                 bandwidth: float, routing: ExportRouting | None):
         """reference: the answers every file's metric delta and same-answer rate are taken against."""
         self.parity, self.tokenizer, self.spec, self.cfg = parity, tokenizer, spec, cfg
-        self.records, self.reference, self.bandwidth = records, reference, bandwidth
+        self.records, self.reference, self.bandwidth, self.routing = records, reference, bandwidth, routing
         self.primary = spec.primary_metric
 
-    def row(self, model: str, label: str, path: Path, size_bytes: int, rows: int, make_llm) -> tuple[dict, list[str]]:
-        """make_llm(logits_all) -> a llama_cpp.Llama ready to run (for an adapter: with it applied)."""
+    def row(self, model: str, label: str, path: Path, size_bytes: int, rows: int,
+            make_llm) -> tuple[dict, list[str], list[str] | None]:
+        """(table row, the file's answers, its routed answers: None without a router).
+        make_llm(logits_all) -> a llama_cpp.Llama ready to run (for an adapter: with it applied)."""
         records, hf_outputs = self.records[:rows], self.reference[:rows]
         llm = make_llm(False)
         output = self.spec.output.bind(self.tokenizer)
@@ -271,13 +320,21 @@ class _Evaluator:
         # Paired on the same rows: the gate's evidence that a drop is more than the noise of these rows.
         delta = paired_difference(self.spec, records, run.outputs, hf_outputs, self.primary)
         limit = self.bandwidth * 1e9 / size_bytes  # tokens/s if each token only had to stream the file once
+        routed, answers = {}, None
+        if self.routing is not None:
+            answers, deferred = self.routing.route(run.outputs, run.confidences)
+            routed = {f"routed_{self.primary}": score_outputs(self.spec, records, answers)[self.primary],
+                      **paired_difference(self.spec, records, answers, self.routing.reference[:rows],
+                                          self.primary).to_metrics("routed_delta"),
+                      "routed_deferred_share": deferred}
         return ({"model": model, "label": label, "file": str(path.relative_to(repo_root())), "size_mb": size_bytes / 1e6,
                  self.primary: score, **delta.to_metrics("delta"), "rows": len(records),
                  "top1_agreement": parity["top1_agreement"], "mean_kl": parity["mean_kl"],
                  "same_answers_as_reference": float(np.mean([a == b for a, b in zip(run.outputs, hf_outputs)])) if records else None,
                  "prompt_tok_s": run.prompt_tokens_per_second, "gen_tok_s": run.generation_tokens_per_second,
-                 "bandwidth_limit_tok_s": limit, "bandwidth_bound_fraction": run.generation_tokens_per_second / limit},
-                run.outputs)
+                 "bandwidth_limit_tok_s": limit, "bandwidth_bound_fraction": run.generation_tokens_per_second / limit,
+                 **routed},
+                run.outputs, answers)
 
 
 def run_export(task: str, params: Params) -> ExportResult:
@@ -324,14 +381,20 @@ def run_export(task: str, params: Params) -> ExportResult:
               "prompt_tok_s": speed["prompt_tokens_per_second"], "gen_tok_s": speed["generation_tokens_per_second"],
               "bandwidth_limit_tok_s": bandwidth * 1e9 / merged_bytes,
               "bandwidth_bound_fraction": speed["generation_tokens_per_second"] * merged_bytes / (bandwidth * 1e9)}]
+    routing = ExportRouting.load(task, rows)
+    if routing is not None:
+        table[0][f"routed_{primary}"] = score_outputs(spec, records, routing.reference)[primary]
     parity = parity_reference(hf_model, tokenizer, records[: cfg.parity_rows], spec.output)
-    evaluator = _Evaluator(parity, tokenizer, spec, cfg, records, hf_outputs, bandwidth)
+    evaluator = _Evaluator(parity, tokenizer, spec, cfg, records, hf_outputs, bandwidth, routing)
     outputs: dict[str, list[str]] = {}
 
-    def add(model: str, label: str, path: Path, n_rows: int, make_llm, size_bytes: int | None = None, **extra) -> None:
-        row, answers = evaluator.row(model, label, path, size_bytes or path.stat().st_size, n_rows, make_llm)
+    def add(model: str, label: str, path: Path, n_rows: int, make_llm, size_bytes: int | None = None,
+            **extra) -> list[str] | None:
+        """Runs one file, adds its row; returns its routed answers (None where the task does not route)."""
+        row, answers, routed = evaluator.row(model, label, path, size_bytes or path.stat().st_size, n_rows, make_llm)
         table.append({**row, **extra})
         outputs[label] = answers
+        return routed
 
     def plain(path: Path):
         return lambda logits_all: load_llama(path, logits_all=logits_all, n_threads=cfg.n_threads)
@@ -340,8 +403,10 @@ def run_export(task: str, params: Params) -> ExportResult:
     # stage's answers come from batched bf16 generation on CUDA and AMX CPUs, and differ from fp32's on most long
     # answers (measured: f16 gave the same answer on 30% of address_json rows). So every file is compared with
     # the f16 file's answers on the same rows: the delta is what quantization costs, not bf16 noise.
-    add("GGUF f16", "f16", files["f16"], len(records), plain(files["f16"]))
+    f16_routed = add("GGUF f16", "f16", files["f16"], len(records), plain(files["f16"]))
     evaluator.reference = outputs["f16"]
+    if routing is not None:
+        routing.reference = f16_routed
     calibrated = " (task imatrix)" if imatrix else ""
     with tempfile.TemporaryDirectory(dir=gguf_dir(task)) as scratch:
         for q in cfg.quantizations:
@@ -362,7 +427,10 @@ def run_export(task: str, params: Params) -> ExportResult:
         return switch.llm
 
     # Its size is what a token reads: the base file and the adapter (export.json also gives the adapter alone).
-    add(f"GGUF base {cfg.base_quantization} + adapter", "adapter", adapter_gguf_file(task), len(records), with_adapter,
+    # Not gated, so it answers the parity rows only: what it shows is how often it answers as the merged file of
+    # the same type (on address_json all 80 rows cost 71 s of the stage's 336).
+    add(f"GGUF base {cfg.base_quantization} + adapter", "adapter", adapter_gguf_file(task),
+        min(cfg.parity_rows, len(records)), with_adapter,
         size_bytes=base_file.stat().st_size + adapter_gguf_file(task).stat().st_size)
     merged_same_type = outputs.get(cfg.base_quantization)
     # The rows that decided the gate (export.max_rows of them) out of the evaluated test split.
