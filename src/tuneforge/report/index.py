@@ -540,6 +540,10 @@ class TaskReport:
                     f", {ev[f'routed_gain_{metric}']:+.3f} against {better} alone"
                     + (f" (paired 95% CI {gain.low:+.3f} to {gain.high:+.3f})" if gain else "")
                     + f"; the fine-tune answers {fmt(ev.get('routed_fine_tune_share'), 'share')} of requests")
+        oracle = ev.get(f"routed_oracle_{metric}")
+        if oracle is not None:  # the headroom: the two answers differ on few requests, or the router chose badly
+            sentence += (f" (choosing the better of the two answers for every request would reach {fmt(oracle)}; they "
+                         f"score differently on {fmt(ev.get('routed_scores_differ_share'), 'share')} of requests)")
         answered = ev.get(f"routed_answered_{metric}")
         if answered is not None:
             sentence += (f"; deferring up to {fmt(ev.get('routed_max_deferral'), 'share')} to review defers "

@@ -292,6 +292,19 @@ class EvalResult:
             routed = outputs["routed"]
             out.update(bootstrap_interval(self.task, [self.records[i] for i in answered],
                                           [routed[i] for i in answered], name).to_metrics(f"routed_answered_{name}"))
+        # Why routing gains what it gains: where both answers score alike no choice helps; the best any router
+        # choosing between these two answers could do (per request, the better-scoring one) bounds the gain.
+        tuned_scores = [per_example(self.task, r, o)[0] for r, o in zip(self.records, outputs["tuned"], strict=True)]
+        classical_scores = [per_example(self.task, r, o)[0] for r, o in zip(self.records, outputs["baseline"],
+                                                                            strict=True)]
+        differ = [i for i, (a, b) in enumerate(zip(tuned_scores, classical_scores)) if a != b]
+        better_answers = [t if a >= b else c for t, c, a, b in zip(outputs["tuned"], outputs["baseline"], tuned_scores,
+                                                                    classical_scores)]
+        out[f"routed_oracle_{name}"] = score_outputs(self.task, self.records, better_answers)[name]
+        out["routed_scores_differ_share"] = len(differ) / max(1, len(self.records))
+        out["routed_picked_better_share"] = (sum(
+            (tuned_scores[i] > classical_scores[i]) == (routing.routes[i].answerer == FINE_TUNE) for i in differ)
+            / len(differ)) if differ else None
         for who in (FINE_TUNE, CLASSICAL):
             out[f"{who}_calibration_error"] = routing.test_ece[who]
         return out
