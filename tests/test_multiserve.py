@@ -10,9 +10,6 @@ file rounds it with the weights, so near-ties can flip (the export report measur
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is inst
 openai = pytest.importorskip("openai")
 import httpx
 
+from tests.serving import start_server
 from tuneforge.core import quantize
 from tuneforge.core.gguf import load_llama
 from tuneforge.core.params import load_params
@@ -31,14 +29,6 @@ TASKS = {"address_json": ("Parse the US address into JSON.", ["1600 Pennsylvania
                                                               "350 Fifth Avenue, New York, NY 10118"]),
          "sms_spam": ("Classify the SMS as spam or ham.", ["WINNER!! Claim your prize now", "see you at 6 then"])}
 MAX_TOKENS = 12
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -96,23 +86,7 @@ def merged_answer(root, task: str, text: str) -> str:
 
 @pytest.fixture(scope="module")
 def server(root):
-    port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if k != "TUNEFORGE_API_KEY"}, "TUNEFORGE_ROOT": str(root)}
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read().decode()[-2000:]}")
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
+    proc, url, _ = start_server(root)
     yield url
     proc.terminate()
     proc.wait(timeout=20)

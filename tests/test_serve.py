@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -19,6 +18,8 @@ pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is inst
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 
+from tests import serving  # noqa: E402
+from tests.serving import free_port  # noqa: E402
 from tuneforge.core.paths import production_file  # noqa: E402
 from tuneforge.stages.base_model import EMBEDDED_GGUF, embedded_gguf_folder  # noqa: E402
 
@@ -26,12 +27,6 @@ pytestmark = pytest.mark.slow  # starts llama.cpp servers
 
 SYSTEM_PROMPT = "Parse the US address into JSON."  # params.yaml's address_json prompt: must never be echoed
 MAX_NEW_TOKENS = 8  # address_json's answer budget in these tests: the server's cap, short answers keep them quick
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,23 +45,8 @@ def serve_root(module_tmp, repo_root):
 
 
 def start_server(root, *extra_args, env_extra=None):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TUNEFORGE_API_KEY"}
-    env.update({"TUNEFORGE_ROOT": str(root), **(env_extra or {})})
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "serve", "--task", "address_json", "--port", str(port),
-                             *extra_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code in (200, 401):
-                return proc, url, port
-        except httpx.HTTPError:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    pytest.fail(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
+    """address_json's server over root (tests.serving.start_server)."""
+    return serving.start_server(root, "--task", "address_json", *extra_args, env_extra=env_extra)
 
 
 def production_file_in(root):

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.test_serve import (MAX_NEW_TOKENS, SYSTEM_PROMPT, chat, free_port, logged_lines, openai, post,  # noqa: F401
+from tests.test_serve import (MAX_NEW_TOKENS, SYSTEM_PROMPT, chat, logged_lines, openai, post,  # noqa: F401
                               production_file_in, serve_root, server, start_server)
 from tuneforge.core.pii import redact
 from tuneforge.core.traffic import read_traffic

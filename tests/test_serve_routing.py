@@ -18,10 +18,8 @@ Real servers over files this module builds itself, so that it runs from a fresh 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -33,6 +31,7 @@ pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is inst
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 
+from tests.serving import free_port, start_server  # noqa: E402
 from tuneforge.core.params import load_params  # noqa: E402
 from tuneforge.core.router import (  # noqa: E402
     CLASSICAL,
@@ -54,12 +53,6 @@ SMS = ["WINNER!! You have been selected for a £900 prize. Call 09061701461 to c
        "Ok lar... Joking wif u oni...", "Are you coming to the pub tonight? Text me",
        "FREE entry in 2 a wkly comp to win FA Cup final tkts. Text FA to 87121",
        "I'll be home late, don't wait up for dinner", "URGENT! Your mobile number has won a 2000 bonus. Call now"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @cache
@@ -150,25 +143,6 @@ def evaluated(root, tokenizer) -> Router:
                       params.route.max_deferral)
 
 
-def start_server(root: Path, *args: str):
-    port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if k != "TUNEFORGE_API_KEY"}, "TUNEFORGE_ROOT": str(root)}
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "serve", "--port", str(port), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    pytest.fail(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
-
-
 class Serving:
     """A server over root, stopped on exit: the task's merged file (task None: every task over the base GGUF)."""
 
@@ -176,7 +150,7 @@ class Serving:
         self.root, self.args = root, (*(("--task", task) if task else ()), *args)
 
     def __enter__(self):
-        self.proc, self.url = start_server(self.root, *self.args)
+        self.proc, self.url, _ = start_server(self.root, *self.args)
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused")
         return self
 

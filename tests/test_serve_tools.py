@@ -13,10 +13,6 @@ instead, and LoRA training on random weights had not learnt to open a call after
 import asyncio
 import copy
 import json
-import os
-import subprocess
-import sys
-import time
 
 import pytest
 import yaml
@@ -26,7 +22,7 @@ openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 import jsonschema  # noqa: E402
 
-from tests.test_serve import free_port  # noqa: E402
+from tests.serving import start_server  # noqa: E402
 from tuneforge.core.kinds import output_spec  # noqa: E402
 from tuneforge.serve import Route, contract_problem, served_answer, tools_problem  # noqa: E402
 
@@ -222,22 +218,7 @@ def project(module_tmp, repo_root):
 
 @pytest.fixture(scope="module")
 def server(project):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TUNEFORGE_API_KEY"}
-    env["TUNEFORGE_ROOT"] = str(project)
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "serve", "--task", TASK, "--quantization", "f16",
-                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.stdout.read().decode()[-2000:]}")
+    proc, url, _ = start_server(project, "--task", TASK, "--quantization", "f16")
     yield url, project / "data" / "production" / TASK / "requests.jsonl"
     proc.terminate()
     proc.wait(timeout=20)
